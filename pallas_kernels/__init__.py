@@ -1,0 +1,10 @@
+"""Pallas kernels of jsparse: the block-sparse attention op and its layout."""
+
+from pallas_kernels.block_sparse_attention import (
+    available_implementations as available_implementations,
+)
+from pallas_kernels.block_sparse_attention import (
+    block_sparse_attention as block_sparse_attention,
+)
+from pallas_kernels.layout import BlockLayout as BlockLayout
+from pallas_kernels.layout import KvMajorLayout as KvMajorLayout

@@ -1,0 +1,222 @@
+"""Gather-based block-sparse attention in plain jnp; runs on any platform.
+
+Each query block gathers its Kmax listed kv blocks and does one softmax over
+them, so memory is O(T * Kmax * block_kv) instead of O(T * S). The backward
+pass recomputes the logits from the saved log-sum-exp and scatter-adds the
+key-side gradients (deterministic on CPU and TPU).
+
+Shape letters: B batch, L layout heads (kv heads, or q heads for per-q-head
+layouts), G q heads per layout head, Q q blocks, I rows of a q block, J list
+slots (Kmax), K keys of a kv block, D head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from pallas_kernels import _common
+from pallas_kernels import layout as layout_lib
+from pallas_kernels.block_sparse_attention import tile_math
+
+NAME = "xla"
+
+
+def unavailable_reason(platform: str, interpret: bool) -> str | None:
+  del platform, interpret
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+  batch: int
+  num_q_heads: int
+  num_kv_heads: int
+  layout_heads: int  # L
+  group: int  # G
+  num_q_blocks: int
+  block_q: int
+  block_kv: int
+
+  def kv_head(self):
+    """[L] kv head read by each layout head."""
+    per_q_head = self.layout_heads == self.num_q_heads
+    return jnp.arange(self.layout_heads) // (
+        self.num_q_heads // self.num_kv_heads if per_q_head else 1)
+
+  def q_head(self):
+    """[L, G] q head of each (layout head, group member)."""
+    return (jnp.arange(self.layout_heads)[:, None] * self.group
+            + jnp.arange(self.group)[None, :])
+
+
+def _geometry(q, k, layout) -> _Geometry:
+  b, t, hq, _ = q.shape
+  hkv = k.shape[2]
+  per_q_head = layout.num_heads == hq and hq != hkv
+  lh = hq if per_q_head else hkv
+  return _Geometry(b, hq, hkv, lh, hq // lh, t // layout.block_q,
+                   layout.block_q, layout.block_kv)
+
+
+def _to_blocks(x, geo: _Geometry):
+  """[B, T, Hq, D] -> [B, L, G, Q, I, D]."""
+  b, _, _, d = x.shape
+  x = x.reshape(b, geo.num_q_blocks, geo.block_q, geo.layout_heads,
+                geo.group, d)
+  return x.transpose(0, 3, 4, 1, 2, 5)
+
+
+def _from_blocks(x, geo: _Geometry):
+  """[B, L, G, Q, I, D] -> [B, T, Hq, D]."""
+  b, d = x.shape[0], x.shape[-1]
+  x = x.transpose(0, 3, 4, 1, 2, 5)
+  return x.reshape(b, geo.num_q_blocks * geo.block_q, geo.num_q_heads, d)
+
+
+def _row_stat(x, geo: _Geometry):
+  """[B, L, G, Q, I, 1, 1] -> [B, Hq, T]."""
+  return x.reshape(geo.batch, geo.num_q_heads,
+                   geo.num_q_blocks * geo.block_q)
+
+
+def _row_stat_blocks(x, geo: _Geometry):
+  """[B, Hq, T] -> [B, L, G, Q, I, 1, 1]."""
+  return x.reshape(geo.batch, geo.layout_heads, geo.group, geo.num_q_blocks,
+                   geo.block_q, 1, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Gathered:
+  q: object  # [B, L, G, Q, I, D]
+  k: object  # [B, L, Q, J, K, D]
+  v: object  # [B, L, Q, J, K, D]
+  kv_idx: object  # [B, L, Q, J]
+  kv_pos: object  # [B, L, Q, J, K]
+  bias_index: tuple | None  # (batch, head, position) index arrays
+  bias: object | None  # [B, L, G, Q, 1, J, K]
+  visible: object  # bool, broadcastable to [B, L, G, Q, I, J, K]
+
+
+def _gather(q, k, v, bias_k, q_seg, kv_seg, layout, spec, geo):
+  b, s, hkv, d = k.shape
+  shape = (b, geo.layout_heads, geo.num_q_blocks, layout.max_kv_blocks)
+  kv_idx = jnp.broadcast_to(layout.kv_idx, shape)
+  kv_cnt = jnp.broadcast_to(layout.kv_cnt, shape[:3])
+  kv_pos = kv_idx[..., None] * geo.block_kv + jnp.arange(geo.block_kv)
+  batch_ix = jnp.arange(b)[:, None, None, None]
+  head_ix = geo.kv_head()[None, :, None, None]
+
+  def gather_kv(x):
+    x = x.reshape(b, s // geo.block_kv, geo.block_kv, hkv, d)
+    return x.transpose(0, 3, 1, 2, 4)[batch_ix, head_ix, kv_idx]
+
+  slot = jnp.arange(layout.max_kv_blocks)
+  visible = (slot < kv_cnt[..., None])[:, :, None, :, None, :, None]
+  if spec.partial_needs_mask:
+    q_pos = (jnp.arange(geo.num_q_blocks)[:, None] * geo.block_q
+             + jnp.arange(geo.block_q))[:, :, None, None]
+    kv_pos_e = kv_pos[:, :, None, :, None]
+    q_seg_e = kv_seg_e = tile = None
+    if spec.has_segments:
+      q_seg_e = q_seg.reshape(b, 1, 1, geo.num_q_blocks, geo.block_q, 1, 1)
+      kv_seg_e = kv_seg[batch_ix[..., None], kv_pos][:, :, None, :, None]
+    if spec.has_tiles:
+      tile_idx = jnp.broadcast_to(layout.tile_idx, shape)
+      tile = jnp.where(tile_idx[..., None, None] >= 0,
+                       jnp.asarray(layout.tiles)[jnp.maximum(tile_idx, 0)], True)
+      tile = tile.transpose(0, 1, 2, 4, 3, 5)[:, :, None]  # [B,L,1,Q,I,J,K]
+    mask = tile_math.partial_block_mask(q_pos, kv_pos_e, spec, q_seg=q_seg_e,
+                                        kv_seg=kv_seg_e, tile=tile)
+    kind = jnp.broadcast_to(layout.kv_kind, shape)
+    full = (kind == layout_lib.FULL)[:, :, None, :, None, :, None]
+    visible = visible & (full | mask)
+  if spec.kv_is_ragged:
+    visible = visible & tile_math.padding_mask(
+        kv_pos[:, :, None, :, None], spec)
+
+  bias_index = bias = None
+  if bias_k is not None:
+    bb, hb, _ = bias_k.shape
+    q_head = geo.q_head()
+    if hb == 1:
+      bias_head = jnp.zeros_like(q_head)
+    elif hb == geo.num_q_heads:
+      bias_head = q_head
+    else:
+      bias_head = q_head // (geo.num_q_heads // geo.num_kv_heads)
+    bias_index = (
+        (jnp.arange(b) if bb == b else jnp.zeros(b, jnp.int32))[
+            :, None, None, None, None, None],
+        bias_head[None, :, :, None, None, None],
+        kv_pos[:, :, None],
+    )
+    bias = bias_k[bias_index][:, :, :, :, None]
+  return _Gathered(_to_blocks(q, geo), gather_kv(k), gather_kv(v), kv_idx,
+                   kv_pos, bias_index, bias, visible)
+
+
+def _logits(g: _Gathered, spec):
+  dot = jnp.einsum("blgqid,blqjkd->blgqijk", g.q, g.k,
+                   preferred_element_type=jnp.float32)
+  s = tile_math.logits(dot, spec, g.bias)
+  return dot, jnp.where(g.visible, s, -jnp.inf)
+
+
+@_common.numpy_broadcasting
+
+
+def forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec):
+  """Returns out [B, T, Hq, D] and lse f32 [B, Hq, T] on padded inputs."""
+  geo = _geometry(q, k, layout)
+  g = _gather(q, k, v, bias_k, q_seg, kv_seg, layout, spec, geo)
+  _, s = _logits(g, spec)
+  p, l, lse = tile_math.softmax_stats(s, axes=(-2, -1))
+  probs = tile_math.normalise(p, l).astype(v.dtype)
+  out = jnp.einsum("blgqijk,blqjkd->blgqid", probs, g.v,
+                   preferred_element_type=jnp.float32)
+  return _from_blocks(out, geo).astype(q.dtype), _row_stat(lse, geo)
+
+
+@_common.numpy_broadcasting
+
+
+def backward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, out, lse, dout):
+  """Gradients (dq, dk, dv, dbias_k) of the forward pass."""
+  geo = _geometry(q, k, layout)
+  g = _gather(q, k, v, bias_k, q_seg, kv_seg, layout, spec, geo)
+  dot, s = _logits(g, spec)
+  probs = tile_math.probabilities(s, _row_stat_blocks(lse, geo))
+  do = _to_blocks(dout, geo)
+  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), -1)
+  delta = _row_stat_blocks(delta.transpose(0, 2, 1), geo)
+
+  dv_blocks = jnp.einsum("blgqijk,blgqid->blqjkd", probs.astype(do.dtype),
+                         do, preferred_element_type=jnp.float32)
+  dp = jnp.einsum("blgqid,blqjkd->blgqijk", do, g.v,
+                  preferred_element_type=jnp.float32)
+  ds = tile_math.logits_cotangent(probs, dp, delta)
+  ddot = tile_math.dot_cotangent(ds, dot, spec).astype(q.dtype)
+  dq = jnp.einsum("blgqijk,blqjkd->blgqid", ddot, g.k,
+                  preferred_element_type=jnp.float32)
+  dk_blocks = jnp.einsum("blgqijk,blgqid->blqjkd", ddot, g.q,
+                         preferred_element_type=jnp.float32)
+
+  b, s_len, hkv, d = k.shape
+  index = (jnp.arange(b)[:, None, None, None], geo.kv_head()[None, :, None,
+                                                             None], g.kv_idx)
+
+  def scatter(blocks, like):
+    acc = jnp.zeros((b, hkv, s_len // geo.block_kv, geo.block_kv, d),
+                    jnp.float32)
+    acc = acc.at[index].add(blocks)
+    return acc.transpose(0, 2, 3, 1, 4).reshape(like.shape).astype(like.dtype)
+
+  dbias = None
+  if bias_k is not None:
+    dbias = jnp.zeros(bias_k.shape, jnp.float32)
+    dbias = dbias.at[g.bias_index].add(ds.sum(axis=4))
+    dbias = dbias.astype(bias_k.dtype)
+  return (_from_blocks(dq, geo).astype(q.dtype), scatter(dk_blocks, k),
+          scatter(dv_blocks, v), dbias)
