@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import math
-import types
 from typing import Literal
 
 import jax
@@ -14,17 +14,24 @@ from pallas_kernels import _common
 from pallas_kernels import layout as layout_lib
 from pallas_kernels.block_sparse_attention import reference
 from pallas_kernels.block_sparse_attention import tile_math
-from pallas_kernels.block_sparse_attention import xla
 
-Implementation = Literal["reference", "xla"]
+Implementation = Literal["reference", "xla", "triton", "mosaic_tpu"]
 
-# Backends with a custom VJP, in order of preference per platform. Later
-# backends (Pallas Triton, Pallas Mosaic TPU) register here.
-BACKENDS: dict[str, types.ModuleType] = {xla.NAME: xla}
+# Backends with a custom VJP. Each module defines `NAME`,
+# `unavailable_reason(platform, interpret) -> str | None`,
+# `forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec) -> (out, lse)` and
+# `backward(..., out, lse, dout) -> (dq, dk, dv, dbias_k)` on block-padded
+# inputs. Pallas backends are imported on first use.
+BACKENDS: dict[str, str] = {
+    "xla": "pallas_kernels.block_sparse_attention.xla",
+    "triton": "pallas_kernels.block_sparse_attention.pallas_triton",
+    "mosaic_tpu": "pallas_kernels.block_sparse_attention.pallas_mosaic_tpu",
+}
+# Default order per platform when `implementation=None`.
 PREFERENCE: dict[str, tuple[str, ...]] = {
     "cpu": ("xla",),
-    "gpu": ("xla",),
-    "tpu": ("xla",),
+    "gpu": ("triton", "xla"),
+    "tpu": ("mosaic_tpu", "xla"),
 }
 IMPLEMENTATIONS = ("reference", *BACKENDS)
 
@@ -134,9 +141,14 @@ def _padded_attention(impl, spec, q, k, v, bias_k, q_seg, kv_seg, layout):
   return out[:, :spec.q_len], lse[..., :spec.q_len]
 
 
+def backend(name: str):
+  """The module implementing backend `name`."""
+  return importlib.import_module(BACKENDS[name])
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _attention(impl, spec, q, k, v, bias_k, q_seg, kv_seg, layout):
-  return BACKENDS[impl].forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec)
+  return backend(impl).forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec)
 
 
 def _attention_fwd(impl, spec, q, k, v, bias_k, q_seg, kv_seg, layout):
@@ -147,7 +159,7 @@ def _attention_fwd(impl, spec, q, k, v, bias_k, q_seg, kv_seg, layout):
 def _attention_bwd(impl, spec, residuals, cotangents):
   q, k, v, bias_k, q_seg, kv_seg, layout, out, lse = residuals
   dout, _ = cotangents  # lse is a statistic: its cotangent is ignored.
-  dq, dk, dv, dbias = BACKENDS[impl].backward(
+  dq, dk, dv, dbias = backend(impl).backward(
       q, k, v, bias_k, q_seg, kv_seg, layout, spec, out, lse, dout)
   return dq, dk, dv, dbias, None, None, None
 
@@ -155,20 +167,29 @@ def _attention_bwd(impl, spec, residuals, cotangents):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def unavailable_reason(name: str, platform: str | None = None,
+                       interpret: bool = False) -> str | None:
+  """Why backend `name` cannot run on `platform`, or None if it can."""
+  platform = platform or jax.default_backend()
+  try:
+    module = backend(name)
+  except ImportError as e:
+    return f"backend module could not be imported ({e})"
+  return module.unavailable_reason(platform, interpret)
+
+
 def available_implementations(platform: str | None = None,
                               interpret: bool = False) -> tuple[str, ...]:
   """Backends (besides "reference") that can run on `platform`."""
-  platform = platform or jax.default_backend()
-  return tuple(name for name, mod in BACKENDS.items()
-               if mod.unavailable_reason(platform, interpret) is None)
+  return tuple(name for name in BACKENDS
+               if unavailable_reason(name, platform, interpret) is None)
 
 
 def _choose_implementation(implementation, interpret) -> str:
   platform = jax.default_backend()
   if implementation is None:
-    available = available_implementations(platform, interpret)
     for name in PREFERENCE.get(platform, ("xla",)):
-      if name in available:
+      if unavailable_reason(name, platform, interpret) is None:
         return name
     return "xla"
   if implementation == "reference":
@@ -177,7 +198,7 @@ def _choose_implementation(implementation, interpret) -> str:
     raise ValueError(
         f"implementation must be one of {IMPLEMENTATIONS} or None, got "
         f"{implementation!r}")
-  reason = BACKENDS[implementation].unavailable_reason(platform, interpret)
+  reason = unavailable_reason(implementation, platform, interpret)
   if reason is not None:
     raise ValueError(
         f"implementation={implementation!r} cannot run here: {reason}")
