@@ -1,0 +1,182 @@
+"""On-device block selection shared by every dynamic method.
+
+All functions are jit-able and gradient-free by construction (scores pass
+through `stop_gradient`); they turn q/k into boolean block masks
+[B, H, Qb, Kb] that `BlockLayout.from_block_mask` compacts.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import layout as layout_lib
+
+
+def mean_pool(x: jax.Array, block: int, axis: int = 1) -> jax.Array:
+  """Mean over consecutive groups of `block` along `axis`.
+
+  A ragged last group is averaged over its valid entries only.
+
+  Args:
+    x: e.g. [B, T, H, D].
+    block: group size.
+    axis: the sequence axis.
+
+  Returns:
+    x with `axis` of size ceil(T / block).
+  """
+  x = jnp.moveaxis(x, axis, 0)
+  t = x.shape[0]
+  n = layout_lib.cdiv(t, block)
+  pad = n * block - t
+  summed = jnp.pad(x.astype(jnp.float32), [(0, pad)] + [(0, 0)] *
+                   (x.ndim - 1)).reshape(n, block, *x.shape[1:]).sum(1)
+  counts = jnp.minimum(block, t - jnp.arange(n) * block).astype(jnp.float32)
+  pooled = summed / counts.reshape((n,) + (1,) * (x.ndim - 1))
+  return jnp.moveaxis(pooled.astype(x.dtype), 0, axis)
+
+
+def _per_q_head(k: jax.Array, num_q_heads: int) -> jax.Array:
+  """[B, S, Hkv, D] -> [B, S, Hq, D] (GQA view for scoring only)."""
+  return jnp.repeat(k, num_q_heads // k.shape[2], axis=2)
+
+
+def pooled_block_scores(q: jax.Array, k: jax.Array, block_q: int,
+                        block_kv: int) -> jax.Array:
+  """Scores of mean-pooled query blocks against mean-pooled key blocks.
+
+  Args:
+    q: [B, T, Hq, D]; k: [B, S, Hkv, D].
+
+  Returns:
+    f32 [B, Hq, Qb, Kb] scaled dot products (no gradient).
+  """
+  q, k = jax.lax.stop_gradient((q, k))
+  qp = mean_pool(q, block_q)
+  kp = _per_q_head(mean_pool(k, block_kv), q.shape[2])
+  return jnp.einsum("bqhd,bkhd->bhqk", qp, kp,
+                    preferred_element_type=jnp.float32) / jnp.sqrt(
+                        jnp.float32(q.shape[-1]))
+
+
+def sampled_block_scores(q: jax.Array, k: jax.Array, block_q: int,
+                         block_kv: int, *, q_samples: int, kv_samples: int,
+                         key: jax.Array) -> jax.Array:
+  """Block importance from sampled tokens (the PSA / BLADE-ASA estimator).
+
+  The same random in-block offsets are used for all blocks. For a sampled
+  query i and block j: m_ij = max over sampled keys t of q_i.k_t / sqrt(D),
+  s_ij = exp(m_ij - max_j m_ij); the block score is the max of s_ij over the
+  sampled queries of the block, then each row is normalised to sum to 1.
+
+  Args:
+    q: [B, T, Hq, D] with T a multiple of block_q.
+    k: [B, S, Hkv, D] with S a multiple of block_kv.
+    q_samples: sampled queries per query block.
+    kv_samples: sampled keys per kv block.
+    key: PRNG key for the offsets.
+
+  Returns:
+    f32 [B, Hq, Qb, Kb], rows summing to 1.
+  """
+  q, k = jax.lax.stop_gradient((q, k))
+  b, t, hq, d = q.shape
+  s = k.shape[1]
+  if t % block_q or s % block_kv:
+    raise ValueError(
+        f"sampled_block_scores needs T ({t}) and S ({s}) to be multiples of "
+        f"block_q ({block_q}) and block_kv ({block_kv})")
+  kq, kk = jax.random.split(key)
+  q_off = jax.random.choice(kq, block_q, (q_samples,), replace=False)
+  k_off = jax.random.choice(kk, block_kv, (kv_samples,), replace=False)
+  qs = q.reshape(b, t // block_q, block_q, hq, d)[:, :, q_off]
+  ks = _per_q_head(k, hq).reshape(b, s // block_kv, block_kv, hq, d)[
+      :, :, k_off]
+  dots = jnp.einsum("bqihd,bkjhd->bhqikj", qs, ks,
+                    preferred_element_type=jnp.float32, optimize=True)
+  m = dots.max(-1) / jnp.sqrt(jnp.float32(d))  # [B, H, Qb, i, Kb]
+  s_hat = jnp.exp(m - m.max(-1, keepdims=True))
+  scores = s_hat.max(-2)
+  return scores / scores.sum(-1, keepdims=True)
+
+
+def topk_block_mask(scores: jax.Array, k: int, *,
+                    mandatory: jax.Array | None = None,
+                    allowed: jax.Array | None = None) -> jax.Array:
+  """The `k` best blocks of each row, plus the mandatory ones.
+
+  Args:
+    scores: [..., Qb, Kb] block scores.
+    k: blocks chosen per row (on top of the mandatory ones).
+    mandatory: optional bool [..., Qb, Kb] (broadcastable) always kept
+      (diagonal, sinks, window); they do not use up the `k` choices.
+    allowed: optional bool mask (e.g. causal): never select elsewhere.
+
+  Returns:
+    bool [..., Qb, Kb].
+  """
+  scores = jax.lax.stop_gradient(scores).astype(jnp.float32)
+  excluded = jnp.zeros(scores.shape, bool)
+  if mandatory is not None:
+    excluded |= mandatory
+  if allowed is not None:
+    excluded |= ~allowed
+  k = min(k, scores.shape[-1])
+  masked = jnp.where(excluded, -jnp.inf, scores)
+  values, idx = jax.lax.top_k(masked, k)
+  chosen = jnp.zeros(scores.shape, bool)
+  chosen = jnp.put_along_axis(chosen, idx, values > -jnp.inf, axis=-1,
+                              inplace=False)
+  if mandatory is not None:
+    chosen |= mandatory if allowed is None else mandatory & allowed
+  return chosen
+
+
+def cumulative_mass_mask(scores: jax.Array, mass: float, *,
+                         min_blocks: int = 1, max_blocks: int | None = None,
+                         include_crossing: bool = True,
+                         mandatory: jax.Array | None = None) -> jax.Array:
+  """Smallest set of blocks per row holding `mass` of the row's total.
+
+  Rows are ranked by descending score. With `include_crossing`, the block at
+  which the cumulative mass first reaches `mass` is kept (PSA); without it,
+  only the blocks before it (BLADE's energy mode). The count is clamped to
+  [min_blocks, max_blocks].
+
+  Args:
+    scores: non-negative [..., Qb, Kb] block scores.
+    mass: target fraction in (0, 1].
+    min_blocks, max_blocks: clamps on the kept count per row.
+    mandatory: optional bool [..., Qb, Kb] always kept (outside the count).
+
+  Returns:
+    bool [..., Qb, Kb].
+  """
+  if not 0 < mass <= 1:
+    raise ValueError(f"mass must lie in (0, 1], got {mass}")
+  scores = jax.lax.stop_gradient(scores).astype(jnp.float32)
+  kb = scores.shape[-1]
+  max_blocks = kb if max_blocks is None else max_blocks
+  order = jnp.argsort(-scores, axis=-1, stable=True)
+  ranked = jnp.take_along_axis(scores, order, axis=-1)
+  cum = jnp.cumsum(ranked, -1) / jnp.maximum(ranked.sum(-1, keepdims=True),
+                                             1e-30)
+  crossing = jnp.sum(cum < mass, axis=-1)  # rank of the crossing block
+  count = crossing + 1 if include_crossing else crossing
+  count = jnp.clip(count, min_blocks, max_blocks)
+  keep_ranked = jnp.arange(kb) < count[..., None]
+  keep = jnp.put_along_axis(jnp.zeros(scores.shape, bool), order,
+                            keep_ranked, axis=-1, inplace=False)
+  if mandatory is not None:
+    keep |= mandatory
+  return keep
+
+
+def band_block_mask(num_q_blocks: int, num_kv_blocks: int, block_q: int,
+                    block_kv: int, band: layout_lib.Band) -> jax.Array:
+  """bool [Qb, Kb]: blocks touching a positional band (window, diagonal)."""
+  lay = layout_lib.BlockLayout.from_band(num_q_blocks * block_q,
+                                         num_kv_blocks * block_kv, block_q,
+                                         block_kv, band)
+  return jnp.asarray(lay.to_block_mask()[0, 0] != layout_lib.EMPTY)

@@ -1,0 +1,101 @@
+"""SparseMethod: the one extension point of jsparse.
+
+A method decides WHICH kv blocks each query block sees (and may append pooled
+keys or add a per-key bias); it never computes attention itself. The op call
+lives once, in `SparsePlan.attend`.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import flax
+from flax import nnx
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import BlockLayout
+from pallas_kernels import block_sparse_attention
+
+
+@flax.struct.dataclass
+class SparsePlan:
+  """What one attention call attends to.
+
+  Attributes:
+    layout: the block layout over the combined kv axis [k ; extra_k].
+    extra_k: optional [B, S_extra, Hkv, D] keys appended after `k` (pooled
+      levels, global tokens); `k`'s length must be a multiple of
+      layout.block_kv when extras are present.
+    extra_v: optional [B, S_extra, Hkv, D] values matching `extra_k`.
+    bias_k: optional [B|1, Hq|Hkv|1, S + S_extra] additive per-key logit bias
+      (log P of pooled keys, learned key biases); it has a gradient.
+    q_segment_ids: optional int [B, T].
+    kv_segment_ids: optional int [B, S + S_extra].
+    causal: apply the causal predicate inside partial blocks.
+    aux: method-specific outputs for inspection (e.g. an estimated map).
+  """
+
+  layout: BlockLayout
+  extra_k: jax.Array | None = None
+  extra_v: jax.Array | None = None
+  bias_k: jax.Array | None = None
+  q_segment_ids: jax.Array | None = None
+  kv_segment_ids: jax.Array | None = None
+  causal: bool = flax.struct.field(pytree_node=False, default=False)
+  aux: dict[str, Any] = flax.struct.field(default_factory=dict)
+
+  def attend(self, q, k, v, *, sm_scale=None, return_lse=False,
+             implementation=None, interpret=False):
+    """Runs block_sparse_attention on this plan.
+
+    Args:
+      q: [B, T, Hq, D]; k, v: [B, S, Hkv, D].
+
+    Returns:
+      out [B, T, Hq, D] (and lse [B, Hq, T] with `return_lse`).
+    """
+    if self.extra_k is not None:
+      if k.shape[1] % self.layout.block_kv:
+        raise ValueError(
+            f"with extra keys, k's length ({k.shape[1]}) must be a multiple "
+            f"of layout.block_kv ({self.layout.block_kv})")
+      k = jnp.concatenate([k, self.extra_k.astype(k.dtype)], axis=1)
+      v = jnp.concatenate([v, self.extra_v.astype(v.dtype)], axis=1)
+    return block_sparse_attention(
+        q, k, v, self.layout, bias_k=self.bias_k,
+        q_segment_ids=self.q_segment_ids,
+        kv_segment_ids=self.kv_segment_ids, causal=self.causal,
+        sm_scale=sm_scale, return_lse=return_lse,
+        implementation=implementation, interpret=interpret)
+
+
+class SparseMethod(nnx.Module, abc.ABC):
+  """Plans block-sparse attention; subclasses hold a frozen `config`.
+
+  Parameter-free for static or training-free methods, trainable (nnx.Param)
+  for learned estimators. `plan` must not let gradients reach the selection:
+  wrap index computations in `jax.lax.stop_gradient`.
+  """
+
+  config: Any
+
+  @abc.abstractmethod
+  def plan(self, q: jax.Array, k: jax.Array, v: jax.Array,
+           **kwargs) -> SparsePlan:
+    """Decides what each query block attends to.
+
+    Args:
+      q: [B, T, Hq, D] queries (after projections, norms and RoPE).
+      k: [B, S, Hkv, D] keys.
+      v: [B, S, Hkv, D] values.
+      **kwargs: method-specific call-time context (step, positions, ...).
+    """
+
+  def __call__(self, q, k, v, *, implementation=None, interpret=False,
+               **kwargs):
+    """plan + attend: [B, T, Hq, D] outputs."""
+    plan = self.plan(q, k, v, **kwargs)
+    return plan.attend(q, k, v, implementation=implementation,
+                       interpret=interpret)
