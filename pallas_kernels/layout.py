@@ -255,6 +255,7 @@ class BlockLayout:
                              max_kv_blocks=max_kv_blocks, band=band)
 
   @classmethod
+  @_common.numpy_broadcasting
   def from_element_mask(cls, mask, block_q: int, block_kv: int, *,
                         max_kv_blocks: int | None = None) -> BlockLayout:
     """From a dense boolean element mask [Bl, Hl, T, S].

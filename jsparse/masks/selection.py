@@ -165,7 +165,8 @@ def cumulative_mass_mask(scores: jax.Array, mass: float, *,
   crossing = jnp.sum(cum < mass, axis=-1)  # rank of the crossing block
   count = crossing + 1 if include_crossing else crossing
   count = jnp.clip(count, min_blocks, max_blocks)
-  keep_ranked = jnp.arange(kb) < count[..., None]
+  ranks = jax.lax.broadcasted_iota(jnp.int32, scores.shape, scores.ndim - 1)
+  keep_ranked = ranks < count[..., None]
   keep = jnp.put_along_axis(jnp.zeros(scores.shape, bool), order,
                             keep_ranked, axis=-1, inplace=False)
   if mandatory is not None:

@@ -1,0 +1,124 @@
+"""Argument checking and backend choice of block_sparse_attention."""
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import BlockLayout
+from pallas_kernels import block_sparse_attention
+from pallas_kernels.block_sparse_attention import api
+
+B, T, S, HQ, HKV, D = 2, 64, 96, 4, 2, 16
+
+
+def inputs():
+  q = jnp.zeros((B, T, HQ, D))
+  k = jnp.zeros((B, S, HKV, D))
+  return q, k, k
+
+
+def layout(block_q=32, block_kv=32, heads=1, batch=1):
+  qb, kb = -(-T // block_q), -(-S // block_kv)
+  return BlockLayout.from_block_mask(np.ones((batch, heads, qb, kb), bool),
+                                     block_q, block_kv)
+
+
+class ArgumentErrorTest(parameterized.TestCase):
+
+  def assert_error(self, pattern, *args, **kwargs):
+    with self.assertRaisesRegex(ValueError, pattern):
+      block_sparse_attention(*args, **kwargs)
+
+  def test_ranks(self):
+    q, k, v = inputs()
+    self.assert_error(r"q must be \[B, T\|S, H, D\]", q[0], k, v, layout())
+    self.assert_error(r"k must be \[B=2, S, Hkv, D=16\]", q, k[..., :8], v,
+                      layout())
+    self.assert_error(r"v must match k's shape", q, k, v[:, :50], layout())
+
+  def test_gqa_heads(self):
+    q, _, _ = inputs()
+    k = jnp.zeros((B, S, 3, D))
+    self.assert_error(r"q heads \(Hq=4\) must be a multiple of kv heads "
+                      r"\(Hkv=3\)", q, k, k, layout())
+
+  def test_layout_sizes(self):
+    q, k, v = inputs()
+    self.assert_error(r"layout has Qb=4 query blocks but T=64 with "
+                      r"block_q=32 needs ceil\(T / block_q\)=2", q, k, v,
+                      BlockLayout.from_block_mask(
+                          np.ones((1, 1, 4, 3), bool), 32, 32))
+    self.assert_error(r"num_kv_blocks=2 but S=96", q, k, v,
+                      BlockLayout.from_block_mask(
+                          np.ones((1, 1, 2, 2), bool), 32, 32))
+    self.assert_error(r"layout batch dim must be 1 or B=2, got 3", q, k, v,
+                      layout(batch=3))
+    self.assert_error(r"layout head dim must be 1, Hkv=2 or Hq=4, got 3", q,
+                      k, v, layout(heads=3))
+    self.assert_error(r"layout must be a BlockLayout", q, k, v,
+                      np.ones((1, 1, 2, 3), bool))
+
+  def test_host_layout_is_validated(self):
+    q, k, v = inputs()
+    lay = layout()
+    idx = np.array(lay.kv_idx)
+    idx[0, 0, 0, :] = [2, 1, 0]
+    bad = BlockLayout(idx, lay.kv_cnt, lay.kv_kind, block_q=32, block_kv=32,
+                      num_kv_blocks=3)
+    self.assert_error("strictly ascending", q, k, v, bad)
+
+  @parameterized.parameters((3, 1, S), (1, 3, S), (1, 1, S - 1))
+  def test_bias_shape(self, bb, hb, s):
+    q, k, v = inputs()
+    self.assert_error(r"bias_k must be \[B\|1, Hq\|Hkv\|1, S\]", q, k, v,
+                      layout(), bias_k=jnp.zeros((bb, hb, s)))
+
+  def test_segment_ids(self):
+    q, k, v = inputs()
+    seg_q, seg_kv = jnp.zeros((B, T), jnp.int32), jnp.zeros((B, S), jnp.int32)
+    self.assert_error("must be given together", q, k, v, layout(),
+                      q_segment_ids=seg_q)
+    self.assert_error(r"q_segment_ids must be \[B, T\] = \[2, 64\]", q, k, v,
+                      layout(), q_segment_ids=seg_kv, kv_segment_ids=seg_kv)
+    self.assert_error(r"kv_segment_ids must be \[B, S\] = \[2, 96\]", q, k,
+                      v, layout(), q_segment_ids=seg_q, kv_segment_ids=seg_q)
+
+  def test_softcap(self):
+    self.assert_error("softcap must be > 0", *inputs(), layout(), softcap=0.0)
+
+  def test_errors_come_before_any_work(self):
+    # Shape errors are raised at trace time: jit never compiles anything.
+    q, k, v = inputs()
+    fn = jax.jit(lambda q, k, v: block_sparse_attention(
+        q, k, v, layout(), bias_k=jnp.zeros((1, 1, 5))))
+    with self.assertRaisesRegex(ValueError, "bias_k must be"):
+      fn.trace(q, k, v)
+
+
+class ImplementationChoiceTest(absltest.TestCase):
+
+  def test_unknown_implementation(self):
+    with self.assertRaisesRegex(ValueError, "implementation must be one of"):
+      block_sparse_attention(*inputs(), layout(), implementation="cuda")
+
+  def test_explicit_backend_that_cannot_run_fails_fast(self):
+    self.assertEqual(jax.default_backend(), "cpu")
+    for name in ("triton", "mosaic_tpu"):
+      if api.unavailable_reason(name, "cpu", interpret=False) is None:
+        self.fail(f"{name} claims to run on CPU without interpret")
+      with self.assertRaisesRegex(ValueError,
+                                  f"implementation='{name}' cannot run"):
+        block_sparse_attention(*inputs(), layout(), implementation=name)
+
+  def test_default_on_cpu_is_xla(self):
+    self.assertEqual(api.available_implementations("cpu")[0], "xla")
+    q, k, v = inputs()
+    out = block_sparse_attention(q, k, v, layout())
+    want = block_sparse_attention(q, k, v, layout(), implementation="xla")
+    np.testing.assert_array_equal(out, want)
+
+
+if __name__ == "__main__":
+  absltest.main()
