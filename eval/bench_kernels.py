@@ -49,6 +49,9 @@ def parse_args(argv=None):
   p.add_argument("--implementations", default=None,
                  help="comma list; default: every backend available here")
   p.add_argument("--reps", type=int, default=3)
+  p.add_argument("--memory_window", type=int, default=1024,
+                 help="fixed causal window (keys) of the memory-scaling "
+                 "check at T/4, T/2, T")
   p.add_argument("--interpret", action="store_true",
                  help="run Pallas backends in interpret mode")
   p.add_argument("--out", default=None,
@@ -157,6 +160,7 @@ def main(argv=None):
           print(f"{kind:>14} {density:>8.2f} {actual:>7.3f} {impl:>11} "
                 f"{sparse_time * 1e3:>9.1f} {ratio:>7.3f} {_mib(mem):>10}")
 
+  memory = memory_scaling(args, impls, dtype)
   result = dict(
       benchmark="bench_kernels",
       date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
@@ -167,13 +171,42 @@ def main(argv=None):
       shapes=dict(batch=b, seq_len=t, num_q_heads=args.num_q_heads,
                   num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,
                   block=args.block, dtype=args.dtype),
-      reps=args.reps, results=rows)
+      reps=args.reps, results=rows, memory_scaling=memory)
   out = pathlib.Path(args.out or (
       f"eval/results/bench_kernels_{device.platform}_T{t}.json"))
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps(result, indent=2) + "\n")
   print(f"\nwrote {out}")
   return result
+
+
+def memory_scaling(args, impls, dtype):
+  """Compiled temp memory (fwd) at T/4, T/2, T for a fixed-width window.
+
+  The sparse op's memory should grow linearly with T, dense quadratically.
+  Compile-only: nothing is run.
+  """
+  print(f"\n[memory] causal window of {args.memory_window} keys, fwd temp:")
+  rows = []
+  for t in (args.seq_len // 4, args.seq_len // 2, args.seq_len):
+    shape_q = jax.ShapeDtypeStruct(
+        (args.batch, t, args.num_q_heads, args.head_dim), dtype)
+    shape_kv = jax.ShapeDtypeStruct(
+        (args.batch, t, args.num_kv_heads, args.head_dim), dtype)
+    layout = BlockLayout.local(t, window=(args.memory_window - 1, 0),
+                               block_q=args.block, block_kv=args.block)
+    row = dict(seq_len=t, dense_temp_bytes=temp_bytes(
+        jax.jit(jax.nn.dot_product_attention), shape_q, shape_kv, shape_kv))
+    for impl in impls:
+      fn = jax.jit(lambda q, k, v, impl=impl, layout=layout: (
+          block_sparse_attention(q, k, v, layout, implementation=impl,
+                                 interpret=args.interpret)))
+      row[f"{impl}_temp_bytes"] = temp_bytes(fn, shape_q, shape_kv, shape_kv)
+    rows.append(row)
+    print("  T=" + str(t) + " " + " ".join(
+        f"{key[:-len('_temp_bytes')]}={_mib(val)}" for key, val in row.items()
+        if key.endswith("_temp_bytes")))
+  return rows
 
 
 def _mib(n):

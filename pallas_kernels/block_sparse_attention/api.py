@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib
 import math
+import warnings
 from typing import Literal
 
 import jax
@@ -188,10 +189,19 @@ def available_implementations(platform: str | None = None,
 def _choose_implementation(implementation, interpret) -> str:
   platform = jax.default_backend()
   if implementation is None:
+    skipped = []
     for name in PREFERENCE.get(platform, ("xla",)):
-      if unavailable_reason(name, platform, interpret) is None:
+      reason = unavailable_reason(name, platform, interpret)
+      if reason is None:
+        if skipped:
+          warnings.warn(
+              f"block_sparse_attention on {platform}: using {name!r} "
+              f"because {'; '.join(skipped)}", stacklevel=3)
         return name
-    return "xla"
+      skipped.append(f"{name!r} is unavailable ({reason})")
+    raise ValueError(
+        f"no backend of block_sparse_attention runs on {platform}: "
+        f"{'; '.join(skipped)}")
   if implementation == "reference":
     return implementation
   if implementation not in BACKENDS:

@@ -1,5 +1,7 @@
 """Argument checking and backend choice of block_sparse_attention."""
 
+from unittest import mock
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import jax
@@ -118,6 +120,15 @@ class ImplementationChoiceTest(absltest.TestCase):
     out = block_sparse_attention(q, k, v, layout())
     want = block_sparse_attention(q, k, v, layout(), implementation="xla")
     np.testing.assert_array_equal(out, want)
+
+  def test_fallback_from_the_preferred_backend_warns(self):
+    # A GPU whose Triton backend cannot run falls back to xla, loudly.
+    with mock.patch.object(api, "unavailable_reason",
+                           lambda name, platform=None, interpret=False:
+                           None if name == "xla" else "not built"), \
+        mock.patch.object(jax, "default_backend", lambda: "gpu"):
+      with self.assertWarnsRegex(UserWarning, "using 'xla' because 'triton'"):
+        self.assertEqual(api._choose_implementation(None, False), "xla")
 
 
 if __name__ == "__main__":
