@@ -6,5 +6,18 @@ line here and one test.
 
 from jsparse.methods.base import SparseMethod as SparseMethod
 from jsparse.methods.base import SparsePlan as SparsePlan
+from jsparse.methods import hmar
+from jsparse.methods import moa
+from jsparse.methods import pemf
+from jsparse.methods import radial
+from jsparse.methods import setrec
+from jsparse.methods import swinbert
 
-METHODS: dict[str, type[SparseMethod]] = {}
+METHODS: dict[str, type[SparseMethod]] = {
+    "moa": moa.MoAMethod,
+    "radial": radial.RadialMethod,
+    "hmar": hmar.HMARMethod,
+    "setrec": setrec.SETRecMethod,
+    "swinbert": swinbert.SwinBERTMethod,
+    "pemf": pemf.PEMFMethod,
+}

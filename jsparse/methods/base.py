@@ -8,6 +8,7 @@ lives once, in `SparsePlan.attend`.
 from __future__ import annotations
 
 import abc
+import math
 from typing import Any
 
 import flax
@@ -34,6 +35,13 @@ class SparsePlan:
     q_segment_ids: optional int [B, T].
     kv_segment_ids: optional int [B, S + S_extra].
     causal: apply the causal predicate inside partial blocks.
+    logit_q: optional [B|1, T, Hq|1, R] query features of a pairwise logit
+      term: `logit_q[i] . logit_k[j]` is added to the (scaled) logit of
+      (i, j). It is realised exactly by appending the features to the head
+      dim of q and k (and zeros to v), so the op's gradients reach it. Use it
+      for learned (query, key) biases of small rank R (SwinBERT's mask).
+    logit_k: optional [B|1, S + S_extra, Hkv|1, R] key features matching
+      `logit_q`.
     aux: method-specific outputs for inspection (e.g. an estimated map).
   """
 
@@ -44,6 +52,8 @@ class SparsePlan:
   q_segment_ids: jax.Array | None = None
   kv_segment_ids: jax.Array | None = None
   causal: bool = flax.struct.field(pytree_node=False, default=False)
+  logit_q: jax.Array | None = None
+  logit_k: jax.Array | None = None
   aux: dict[str, Any] = flax.struct.field(default_factory=dict)
 
   def attend(self, q, k, v, *, sm_scale=None, return_lse=False,
@@ -63,12 +73,40 @@ class SparsePlan:
             f"of layout.block_kv ({self.layout.block_kv})")
       k = jnp.concatenate([k, self.extra_k.astype(k.dtype)], axis=1)
       v = jnp.concatenate([v, self.extra_v.astype(v.dtype)], axis=1)
-    return block_sparse_attention(
+    head_dim = q.shape[-1]
+    if sm_scale is None:
+      sm_scale = 1.0 / math.sqrt(head_dim)
+    if self.logit_q is not None:
+      q, k, v = _append_logit_features(q, k, v, self.logit_q, self.logit_k,
+                                       sm_scale)
+    result = block_sparse_attention(
         q, k, v, self.layout, bias_k=self.bias_k,
         q_segment_ids=self.q_segment_ids,
         kv_segment_ids=self.kv_segment_ids, causal=self.causal,
         sm_scale=sm_scale, return_lse=return_lse,
         implementation=implementation, interpret=interpret)
+    if self.logit_q is None:
+      return result
+    if return_lse:
+      return result[0][..., :head_dim], result[1]
+    return result[..., :head_dim]
+
+
+def _append_logit_features(q, k, v, logit_q, logit_k, sm_scale):
+  """Concatenates pairwise logit features onto the head dim of q, k, v.
+
+  The op multiplies q.k by `sm_scale`, so the query features are divided by
+  it; v gets zero columns, which the caller slices off the output.
+  """
+  b, t, hq, _ = q.shape
+  s, hkv = k.shape[1], k.shape[2]
+  rank = logit_q.shape[-1]
+  fq = jnp.broadcast_to(logit_q / sm_scale, (b, t, hq, rank)).astype(q.dtype)
+  fk = jnp.broadcast_to(logit_k, (b, s, hkv, rank)).astype(k.dtype)
+  q = jnp.concatenate([q, fq], axis=-1)
+  k = jnp.concatenate([k, fk], axis=-1)
+  v = jnp.concatenate([v, jnp.zeros((b, s, hkv, rank), v.dtype)], axis=-1)
+  return q, k, v
 
 
 class SparseMethod(nnx.Module, abc.ABC):
@@ -93,9 +131,26 @@ class SparseMethod(nnx.Module, abc.ABC):
       **kwargs: method-specific call-time context (step, positions, ...).
     """
 
-  def __call__(self, q, k, v, *, implementation=None, interpret=False,
-               **kwargs):
+  def decode_plan(self, q: jax.Array, k: jax.Array, v: jax.Array, *,
+                  index: jax.Array) -> SparsePlan:
+    """The plan of one decode step against a KV cache.
+
+    Args:
+      q: [B, 1, Hq, D] the new query, at position `index`.
+      k: [B, S_max, Hkv, D] the key cache; entries past `index` are unset.
+      v: [B, S_max, Hkv, D] the value cache.
+      index: int32 scalar (may be traced), the query's position.
+
+    Raises:
+      NotImplementedError: methods without a decode rule.
+    """
+    raise NotImplementedError(
+        f"{type(self).__name__} has no decode rule; decode densely or "
+        "implement decode_plan")
+
+  def __call__(self, q, k, v, *, sm_scale=None, implementation=None,
+               interpret=False, **kwargs):
     """plan + attend: [B, T, Hq, D] outputs."""
     plan = self.plan(q, k, v, **kwargs)
-    return plan.attend(q, k, v, implementation=implementation,
-                       interpret=interpret)
+    return plan.attend(q, k, v, sm_scale=sm_scale,
+                       implementation=implementation, interpret=interpret)
