@@ -181,3 +181,51 @@ def band_block_mask(num_q_blocks: int, num_kv_blocks: int, block_q: int,
                                          num_kv_blocks * block_kv, block_q,
                                          block_kv, band)
   return jnp.asarray(lay.to_block_mask()[0, 0] != layout_lib.EMPTY)
+
+
+def prefix_topk_mask(scores: jax.Array, k: int) -> jax.Array:
+  """Per-row causal top-k over keys: row i keeps the k best of keys 0..i.
+
+  Ties go to the lower index (as `jax.lax.top_k`). Key j's rank among the
+  keys 0..i is the number of better keys j' <= i, a cumulative sum over j',
+  so no sort is needed; memory is O(S**2) per row of `scores`.
+
+  Args:
+    scores: [..., S] per-key scores (no gradient flows through the choice).
+    k: keys kept per query row.
+
+  Returns:
+    bool [..., S, S] (query rows, key columns); row i holds min(i + 1, k)
+    keys, all j <= i.
+  """
+  scores = jax.lax.stop_gradient(scores).astype(jnp.float32)
+  lead, s = scores.shape[:-1], scores.shape[-1]
+  pos = jnp.arange(s)
+  expand = lambda x: jnp.broadcast_to(x, (*lead, s, s))
+  row = expand(scores[..., :, None])  # candidate better key j' (rows)
+  col = expand(scores[..., None, :])  # key j (columns)
+  earlier = expand(pos[:, None] < pos[None, :])
+  better = (row > col) | ((row == col) & earlier)
+  rank = jnp.cumsum(better.astype(jnp.int32), axis=-2)  # [..., i, j]
+  return ~earlier & (rank < k)
+
+
+def block_majority(mask: jax.Array, block: int) -> jax.Array:
+  """Block smoothing: keep a block iff more than half its entries are set.
+
+  A ragged last block votes over its valid entries only.
+
+  Args:
+    mask: bool [..., S].
+    block: block size.
+
+  Returns:
+    bool [..., ceil(S / block)].
+  """
+  s = mask.shape[-1]
+  n = layout_lib.cdiv(s, block)
+  padded = jnp.pad(mask.astype(jnp.int32),
+                   [(0, 0)] * (mask.ndim - 1) + [(0, n * block - s)])
+  count = padded.reshape(*mask.shape[:-1], n, block).sum(-1)
+  valid = jnp.minimum(block, s - jnp.arange(n) * block)
+  return 2 * count > jnp.broadcast_to(valid, count.shape)

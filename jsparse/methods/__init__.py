@@ -6,6 +6,7 @@ line here and one test.
 
 from jsparse.methods.base import SparseMethod as SparseMethod
 from jsparse.methods.base import SparsePlan as SparsePlan
+from jsparse.methods import dma
 from jsparse.methods import hmar
 from jsparse.methods import moa
 from jsparse.methods import pemf
@@ -14,6 +15,7 @@ from jsparse.methods import setrec
 from jsparse.methods import swinbert
 
 METHODS: dict[str, type[SparseMethod]] = {
+    "dma": dma.DMAMethod,
     "moa": moa.MoAMethod,
     "radial": radial.RadialMethod,
     "hmar": hmar.HMARMethod,

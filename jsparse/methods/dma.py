@@ -1,0 +1,223 @@
+"""DMA: trainable dynamic mask attention.
+
+Paper: "Trainable Dynamic Mask Sparse Attention", Shi et al.,
+https://arxiv.org/abs/2508.02124 (official code: SmallDoges/flash-dmattn).
+
+Each kv head learns one importance score per key from the values of all kv
+heads: dt = reshape(v, [B, S, Hkv * D]) @ W_dt, beta = A * softplus(dt)
+(or exp of it, the paper's original "ZOH" form), A initialised to 0. The score
+is (1) added to the attention logits of every kept key, after the 1/sqrt(D)
+scaling, as a per-key bias with gradient, and (2) ranked, without gradient,
+to keep only the `window` best keys per query once the context is longer
+than the window:
+
+- "per_row" (original Doge code): row i keeps the top-w of keys 0..i, so it
+  always holds min(i + 1, w) keys.
+- "query_agnostic" (current integration): one top-w over all keys, shared by
+  every query, then causality; early rows may keep no key at all (their
+  output is 0, never NaN). The two variants are not interchangeable: a model
+  is trained with one of them.
+
+With `granularity="element"` the exact mask reaches the op through the tile
+pool of `BlockLayout.from_element_mask` (built under jit). With
+`granularity="block"`, each key block is kept iff more than half of its keys
+were selected ("block smoothing"), so the op skips whole tiles and needs no
+element mask beyond the causal diagonal.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jsparse.masks import selection
+from jsparse.methods import base
+from pallas_kernels import layout as layout_lib
+
+PER_ROW = "per_row"
+QUERY_AGNOSTIC = "query_agnostic"
+ELEMENT = "element"
+BLOCK = "block"
+
+
+@dataclasses.dataclass(frozen=True)
+class DMAConfig:
+  """DMA hyperparameters.
+
+  Attributes:
+    num_kv_heads: Hkv, the number of importance scores per key.
+    head_dim: D of the values (W_dt is [Hkv * D, Hkv]).
+    window: w, keys kept per query once the context is longer than w
+      (2048 in DogeConfig).
+    variant: "per_row" (causal top-w of each row's prefix) or
+      "query_agnostic" (one top-w over all keys, then causal).
+    granularity: "element" (exact mask, tile pool) or "block" (block-smoothed
+      mask, whole tiles skipped).
+    exp_bias: beta = exp(A * softplus(dt)) (paper, Aug 2025) instead of
+      A * softplus(dt) (current code, default).
+    dt_bias: a bias in the dt projection (Doge's `attention_bias`).
+    causal: causal attention (decoders). `per_row` requires it.
+    block_size: layout block size (clipped to the sequence length).
+  """
+
+  num_kv_heads: int = 2
+  head_dim: int = 64
+  window: int = 2048
+  variant: str = PER_ROW
+  granularity: str = ELEMENT
+  exp_bias: bool = False
+  dt_bias: bool = False
+  causal: bool = True
+  block_size: int = 128
+
+
+class DMAMethod(base.SparseMethod):
+  """Value-derived per-key bias plus top-w key selection.
+
+  Attributes:
+    dt_proj: nnx.Linear W_dt [Hkv * D, Hkv] (+ bias with `dt_bias`).
+    a: nnx.Param A [Hkv], initialised to 0.
+  """
+
+  def __init__(self, config: DMAConfig = DMAConfig(), *, rngs: nnx.Rngs):
+    if config.variant not in (PER_ROW, QUERY_AGNOSTIC):
+      raise ValueError(
+          f"variant must be {PER_ROW!r} or {QUERY_AGNOSTIC!r}, got "
+          f"{config.variant!r}")
+    if config.granularity not in (ELEMENT, BLOCK):
+      raise ValueError(
+          f"granularity must be {ELEMENT!r} or {BLOCK!r}, got "
+          f"{config.granularity!r}")
+    if config.variant == PER_ROW and not config.causal:
+      raise ValueError("the per_row variant is defined for causal attention")
+    if config.window < 1:
+      raise ValueError(f"window must be positive, got {config.window}")
+    self.config = config
+    hkv = config.num_kv_heads
+    self.dt_proj = nnx.Linear(hkv * config.head_dim, hkv,
+                              use_bias=config.dt_bias, rngs=rngs)
+    self.a = nnx.Param(jnp.zeros((hkv,), jnp.float32))
+
+  def key_bias(self, v: jax.Array) -> jax.Array:
+    """The per-key logit bias beta.
+
+    Args:
+      v: [B, S, Hkv, D] values.
+
+    Returns:
+      f32 [B, Hkv, S]; differentiable in v, W_dt and A.
+    """
+    b, s, hkv, d = v.shape
+    if (hkv, d) != (self.config.num_kv_heads, self.config.head_dim):
+      raise ValueError(
+          f"v has Hkv={hkv}, D={d} but DMAConfig says num_kv_heads="
+          f"{self.config.num_kv_heads}, head_dim={self.config.head_dim}")
+    dt = self.dt_proj(v.reshape(b, s, hkv * d).astype(jnp.float32))
+    beta = self.a[...][None, None, :] * jax.nn.softplus(dt)
+    if self.config.exp_bias:
+      beta = jnp.exp(beta)
+    return jnp.transpose(beta, (0, 2, 1))
+
+  def key_selection(self, beta: jax.Array) -> jax.Array:
+    """The element mask of kept keys (causality included when causal).
+
+    Args:
+      beta: [B, Hkv, S] key scores (the choice gets no gradient).
+
+    Returns:
+      bool [B, Hkv, S, S] for "per_row" (or causal "query_agnostic"), bool
+      [B, Hkv, 1, S] for non-causal "query_agnostic".
+    """
+    cfg = self.config
+    if cfg.variant == PER_ROW:
+      return selection.prefix_topk_mask(beta, cfg.window)
+    keys = selection.topk_block_mask(beta[:, :, None, :], cfg.window)
+    if not cfg.causal:
+      return keys
+    s = beta.shape[-1]
+    return keys & jnp.asarray(np.tril(np.ones((1, 1, s, s), bool)))
+
+  def plan(self, q, k, v, **kwargs) -> base.SparsePlan:
+    """Plans self-attention over S = T tokens.
+
+    Args:
+      q: [B, T, Hq, D]; k, v: [B, T, Hkv, D] (after norms and RoPE).
+      **kwargs: unused call-time context.
+
+    Returns:
+      A SparsePlan with bias_k [B, Hkv, T] and a layout that is the static
+      (causal) dense one when T <= window, else the traced top-w layout.
+    """
+    del kwargs
+    cfg = self.config
+    t, s = q.shape[1], k.shape[1]
+    if t != s:
+      raise ValueError(
+          f"DMA plans self-attention (T == S), got T={t}, S={s}; use "
+          "decode_plan against a cache")
+    beta = self.key_bias(v)
+    block = min(cfg.block_size, s)
+    if s <= cfg.window:
+      if cfg.causal:
+        layout = layout_lib.BlockLayout.causal(s, block_q=block,
+                                               block_kv=block)
+      else:
+        layout = layout_lib.BlockLayout.dense(s, s, block_q=block,
+                                              block_kv=block)
+      return base.SparsePlan(layout=layout, bias_k=beta)
+    scores = jax.lax.stop_gradient(beta)
+    if cfg.granularity == ELEMENT:
+      layout = layout_lib.BlockLayout.from_element_mask(
+          self.key_selection(scores), block, block)
+    else:
+      layout = self._block_layout(scores, block)
+    return base.SparsePlan(layout=layout, bias_k=beta)
+
+  def _block_layout(self, scores, block):
+    """Block-smoothed layout: per query block, majority vote per key block."""
+    cfg = self.config
+    s = scores.shape[-1]
+    if cfg.variant == PER_ROW:
+      # A query block uses the selection of its last row (its whole prefix).
+      last = np.minimum(np.arange(layout_lib.cdiv(s, block)) * block
+                        + block, s) - 1
+      keys = selection.prefix_topk_mask(scores, cfg.window)[:, :, last]
+    else:
+      keys = selection.topk_block_mask(scores[:, :, None, :], cfg.window)
+    keep = selection.block_majority(keys, block)  # [B, Hkv, Qb|1, Kb]
+    if not cfg.causal:
+      return layout_lib.BlockLayout.from_block_mask(
+          keep, block, block, full_block_mask=jnp.ones_like(keep))
+    kind = layout_lib.BlockLayout.causal(s, block_q=block,
+                                         block_kv=block).to_block_mask()
+    allowed = jnp.asarray(kind != layout_lib.EMPTY)
+    full = jnp.asarray(kind == layout_lib.FULL)
+    return layout_lib.BlockLayout.from_block_mask(
+        keep & allowed, block, block, full_block_mask=full, band=(None, 0))
+
+  def decode_plan(self, q, k, v, *, index) -> base.SparsePlan:
+    """One query at position `index` over the cache: top-w of keys <= index.
+
+    Both variants coincide here (no key lies after the query).
+
+    Args:
+      q: [B, 1, Hq, D]; k, v: [B, S_max, Hkv, D] caches.
+      index: int32 scalar (may be traced), the query's position.
+
+    Returns:
+      A SparsePlan with a traced element layout and bias_k [B, Hkv, S_max].
+    """
+    del q, k
+    beta = self.key_bias(v)
+    s = beta.shape[-1]
+    valid = (jnp.arange(s) <= index)[None, None, :]
+    scores = jnp.where(valid, jax.lax.stop_gradient(beta), -jnp.inf)
+    keys = selection.topk_block_mask(scores[:, :, None, :],
+                                     self.config.window)
+    layout = layout_lib.BlockLayout.from_element_mask(
+        keys, 1, min(self.config.block_size, s))
+    return base.SparsePlan(layout=layout, bias_k=beta)

@@ -1,0 +1,213 @@
+"""DMA against a dense softmax reference with the same mask and bias."""
+
+from __future__ import annotations
+
+import functools
+
+from absl.testing import absltest
+from absl.testing import parameterized
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jsparse
+from jsparse.masks import selection
+from jsparse.methods import dma
+from tests import tolerances
+
+B, T, HQ, HKV, D, W, BLOCK = 2, 96, 4, 2, 16, 24, 16
+
+
+def _inputs(seed=0):
+  kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+  return (jax.random.normal(kq, (B, T, HQ, D)),
+          jax.random.normal(kk, (B, T, HKV, D)),
+          jax.random.normal(kv, (B, T, HKV, D)))
+
+
+def _method(variant, granularity=dma.ELEMENT, exp_bias=False, window=W):
+  cfg = dma.DMAConfig(num_kv_heads=HKV, head_dim=D, window=window,
+                      variant=variant, granularity=granularity,
+                      exp_bias=exp_bias, dt_bias=True, block_size=BLOCK)
+  method = dma.DMAMethod(cfg, rngs=nnx.Rngs(0))
+  # A != 0 so that the scores are distinct (A = 0 is tested separately).
+  method.a[...] = jnp.array([0.7, -1.3])
+  return method
+
+
+def _naive_mask(beta, variant, window):
+  """bool [B, Hkv, T, T] by explicit per-row top-k (NumPy, stable sort)."""
+  beta = np.asarray(beta)
+  t = beta.shape[-1]
+  mask = np.zeros(beta.shape[:2] + (t, t), bool)
+  causal = np.tril(np.ones((t, t), bool))
+  for b in range(beta.shape[0]):
+    for h in range(beta.shape[1]):
+      if variant == dma.QUERY_AGNOSTIC:
+        keep = np.argsort(-beta[b, h], kind="stable")[:window]
+        mask[b, h][:, keep] = True
+        mask[b, h] &= causal
+        continue
+      for i in range(t):
+        keep = np.argsort(-beta[b, h, :i + 1], kind="stable")[:window]
+        mask[b, h, i, keep] = True
+  return mask
+
+
+def _reference(q, k, v, mask, beta):
+  """Dense masked softmax(q.k / sqrt(D) + beta) v; empty rows give 0."""
+  group = HQ // HKV
+  k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+  mask = jnp.repeat(mask, group, axis=1)
+  beta = jnp.repeat(beta, group, axis=1)[:, :, None, :]
+  s = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(D) + beta
+  s = jnp.where(mask, s, -jnp.inf)
+  row_ok = jnp.any(mask, -1, keepdims=True)
+  p = jax.nn.softmax(jnp.where(row_ok, s, 0.0), -1)
+  p = jnp.where(mask & row_ok, p, 0.0)
+  return jnp.einsum("bhts,bshd->bthd", p, v)
+
+
+def _op(method, q, k, v):
+  return method(q, k, v, implementation="xla")
+
+
+def _jit(fn, method):
+  """fn(method, q, k, v) as a jitted function of (params, q, k, v)."""
+  graphdef, params = nnx.split(method, nnx.Param)
+  run = jax.jit(lambda p, *a: fn(nnx.merge(graphdef, p), *a))
+  return functools.partial(run, params)
+
+
+def _grads(fn, method, q, k, v, *, jit=True):
+  """d<fn(method, q, k, v), cot> w.r.t. A, W_dt (b_dt), q, k, v."""
+  graphdef, params = nnx.split(method, nnx.Param)
+  cot = jax.random.normal(jax.random.key(9), q.shape)
+
+  def loss(params, q, k, v):
+    return jnp.vdot(fn(nnx.merge(graphdef, params), q, k, v), cot)
+
+  grad = jax.grad(loss, (0, 1, 2, 3))
+  gp, gq, gk, gv = (jax.jit(grad) if jit else grad)(params, q, k, v)
+  flat = {"/".join(map(str, path)): x[...]
+          for path, x in nnx.to_flat_state(gp)}
+  return {**flat, "q": gq, "k": gk, "v": gv}
+
+
+class DMATest(parameterized.TestCase):
+
+  def test_registered(self):
+    self.assertIs(jsparse.METHODS["dma"], dma.DMAMethod)
+
+  @parameterized.parameters((dma.PER_ROW, False), (dma.QUERY_AGNOSTIC, False),
+                            (dma.PER_ROW, True))
+  def test_matches_dense_reference(self, variant, exp_bias):
+    q, k, v = _inputs()
+    method = _method(variant, exp_bias=exp_bias)
+
+    def ref(m, q, k, v):
+      beta = m.key_bias(v)
+      mask = _naive_mask(jax.lax.stop_gradient(beta), variant, W)
+      return _reference(q, k, v, jnp.asarray(mask), beta)
+
+    atol = 5 * tolerances.atol(jnp.float32)
+    np.testing.assert_allclose(_jit(_op, method)(q, k, v),
+                               ref(method, q, k, v), atol=atol, rtol=atol)
+    got = _grads(_op, method, q, k, v)
+    want = _grads(ref, method, q, k, v, jit=False)
+    self.assertEqual(set(got), {"a", "dt_proj/kernel", "dt_proj/bias", "q",
+                                "k", "v"})
+    for name in got:
+      np.testing.assert_allclose(got[name], want[name], atol=4 * atol,
+                                 rtol=4 * atol, err_msg=name)
+
+  @parameterized.parameters(dma.PER_ROW, dma.QUERY_AGNOSTIC)
+  def test_block_granularity_matches_its_layout(self, variant):
+    q, k, v = _inputs(1)
+    method = _method(variant, dma.BLOCK, window=48)
+    plan = method.plan(q, k, v)
+    mask = plan.layout.to_dense_mask(T, T) & jnp.tril(
+        jnp.ones((1, 1, T, T), bool))
+    # Whole tiles: the layout lists only selected key blocks.
+    self.assertLess(float(plan.layout.density()), 0.7)
+    out = _jit(_op, method)(q, k, v)
+    ref = _reference(q, k, v, mask, method.key_bias(v))
+    atol = 5 * tolerances.atol(jnp.float32)
+    np.testing.assert_allclose(out, ref, atol=atol, rtol=atol)
+
+  @parameterized.parameters(dma.PER_ROW, dma.QUERY_AGNOSTIC)
+  def test_selection_is_causal_and_sized(self, variant):
+    beta = jax.random.normal(jax.random.key(3), (B, HKV, T))
+    mask = np.asarray(_method(variant).key_selection(beta))
+    self.assertFalse(np.any(np.triu(mask, 1)))
+    np.testing.assert_array_equal(mask, _naive_mask(beta, variant, W))
+    counts = mask.sum(-1)
+    if variant == dma.PER_ROW:
+      np.testing.assert_array_equal(
+          counts, np.broadcast_to(np.minimum(np.arange(T) + 1, W),
+                                  counts.shape))
+    else:
+      self.assertTrue(np.all(counts <= W))
+
+  def test_ties_at_zero_init_pick_lowest_indices(self):
+    method = dma.DMAMethod(dma.DMAConfig(num_kv_heads=HKV, head_dim=D,
+                                         window=W), rngs=nnx.Rngs(0))
+    _, _, v = _inputs()
+    beta = method.key_bias(v)
+    np.testing.assert_array_equal(beta, 0.0)
+    mask = np.asarray(method.key_selection(beta))
+    want = np.tril(np.ones((T, T), bool)) & (np.arange(T) < W)[None]
+    np.testing.assert_array_equal(mask, np.broadcast_to(want, mask.shape))
+    gradient = _grads(_op, method, *_inputs())["a"]
+    self.assertTrue(np.all(np.abs(gradient) > 0))
+
+  def test_empty_rows_give_zeros_and_finite_grads(self):
+    q, k, v = _inputs(2)
+    method = _method(dma.QUERY_AGNOSTIC)
+    # Make the early keys the least important: early rows keep nothing.
+    v = v.at[:, :T // 2].multiply(-1.0)
+    beta = method.key_bias(v)
+    mask = np.asarray(method.key_selection(beta))
+    empty = ~mask.any(-1)
+    self.assertTrue(empty.any())
+    out = _jit(_op, method)(q, k, v)
+    empty_q = np.repeat(empty, HQ // HKV, axis=1).transpose(0, 2, 1)
+    np.testing.assert_array_equal(np.asarray(out)[empty_q], 0.0)
+    for g in _grads(_op, method, q, k, v).values():
+      self.assertTrue(np.all(np.isfinite(g)))
+
+  def test_window_at_least_length_is_dense_plus_bias(self):
+    q, k, v = _inputs()
+    method = _method(dma.PER_ROW, window=T)
+    causal = jnp.tril(jnp.ones((T, T), bool))
+    out = _jit(_op, method)(q, k, v)
+    ref = _reference(q, k, v, jnp.broadcast_to(causal, (B, HKV, T, T)),
+                     method.key_bias(v))
+    atol = 5 * tolerances.atol(jnp.float32)
+    np.testing.assert_allclose(out, ref, atol=atol, rtol=atol)
+
+  def test_decode_matches_last_row(self):
+    q, k, v = _inputs(4)
+    method = _method(dma.PER_ROW)
+    full = _jit(_op, method)(q, k, v)
+    index = T - 1
+
+    def decode(m, q, k, v):
+      plan = m.decode_plan(q, k, v, index=jnp.int32(index))
+      return plan.attend(q, k, v, implementation="xla")
+
+    step = _jit(decode, method)(q[:, index:], k, v)
+    atol = 5 * tolerances.atol(jnp.float32)
+    np.testing.assert_allclose(step[:, 0], full[:, index], atol=atol,
+                               rtol=atol)
+
+  def test_selection_gets_no_gradient(self):
+    beta = jnp.arange(T, dtype=jnp.float32)[None, None]
+    grad = jax.grad(lambda b: selection.prefix_topk_mask(b, W).sum().astype(
+        jnp.float32))(beta)
+    np.testing.assert_array_equal(grad, 0.0)
+
+
+if __name__ == "__main__":
+  absltest.main()
