@@ -183,6 +183,64 @@ def band_block_mask(num_q_blocks: int, num_kv_blocks: int, block_q: int,
   return jnp.asarray(lay.to_block_mask()[0, 0] != layout_lib.EMPTY)
 
 
+def topk_indices(scores: jax.Array, k: int) -> jax.Array:
+  """Indices of the `k` best entries of each row (ties: lowest index first).
+
+  Args:
+    scores: [..., C] scores (no gradient flows through the choice).
+    k: entries kept per row, clamped to C.
+
+  Returns:
+    int32 [..., min(k, C)] column ids in descending score order.
+  """
+  scores = jax.lax.stop_gradient(scores).astype(jnp.float32)
+  _, idx = jax.lax.top_k(scores, min(k, scores.shape[-1]))
+  return idx.astype(jnp.int32)
+
+
+def child_topk_indices(q: jax.Array, k: jax.Array, parent_idx: jax.Array,
+                       fanout: int, topk: int) -> jax.Array:
+  """Top-k keys among the children of each query's parent picks.
+
+  Hierarchical refinement: key j of this level is a child of coarse key
+  j // fanout, query m of this level is a child of coarse query m // fanout.
+  Query m scores only the `fanout * Kp` children of the Kp coarse keys its
+  parent picked (raw dot products), so the cost is linear in the length.
+
+  Args:
+    q: [B, M, Hq, D] queries of this level, M = fanout * Mp.
+    k: [B, S, Hkv, D] keys of this level, S = fanout * Sp.
+    parent_idx: int [B, Hq, Mp, Kp] coarse key ids picked by each coarse
+      query (global ids in [0, Sp)).
+    fanout: children per coarse token.
+    topk: picks per query, clamped to fanout * Kp.
+
+  Returns:
+    int32 [B, Hq, M, min(topk, fanout * Kp)] global key ids of this level.
+  """
+  q, k = jax.lax.stop_gradient((q, k))
+  b, m, hq, d = q.shape
+  mp, kp = parent_idx.shape[2], parent_idx.shape[3]
+  if m != mp * fanout:
+    raise ValueError(
+        f"q has {m} tokens but parent_idx has {mp} coarse queries of "
+        f"fanout {fanout}")
+  children = jnp.arange(fanout, dtype=parent_idx.dtype).reshape(
+      1, 1, 1, 1, fanout)
+  cand = (parent_idx[..., None] * fanout + children).reshape(
+      b, hq, mp, kp * fanout)
+  kh = jnp.moveaxis(_per_q_head(k, hq), 2, 1)  # [B, Hq, S, D]
+  kc = jnp.take_along_axis(kh, cand.reshape(b, hq, mp * kp * fanout, 1),
+                           axis=2).reshape(b, hq, mp, kp * fanout, d)
+  qg = jnp.moveaxis(q, 2, 1).reshape(b, hq, mp, fanout, d)
+  scores = jnp.einsum("bhpid,bhpcd->bhpic", qg, kc,
+                      preferred_element_type=jnp.float32)
+  slots = topk_indices(scores, topk)  # [B, Hq, Mp, fanout, k]
+  cand = jnp.broadcast_to(cand[:, :, :, None, :], scores.shape)
+  picked = jnp.take_along_axis(cand, slots, axis=-1)
+  return picked.reshape(b, hq, m, slots.shape[-1]).astype(jnp.int32)
+
+
 def prefix_topk_mask(scores: jax.Array, k: int) -> jax.Array:
   """Per-row causal top-k over keys: row i keeps the k best of keys 0..i.
 

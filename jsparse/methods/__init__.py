@@ -8,6 +8,7 @@ from jsparse.methods.base import SparseMethod as SparseMethod
 from jsparse.methods.base import SparsePlan as SparsePlan
 from jsparse.methods import dma
 from jsparse.methods import hmar
+from jsparse.methods import llsa
 from jsparse.methods import moa
 from jsparse.methods import pemf
 from jsparse.methods import radial
@@ -16,6 +17,7 @@ from jsparse.methods import swinbert
 
 METHODS: dict[str, type[SparseMethod]] = {
     "dma": dma.DMAMethod,
+    "llsa": llsa.LLSAMethod,
     "moa": moa.MoAMethod,
     "radial": radial.RadialMethod,
     "hmar": hmar.HMARMethod,

@@ -1,0 +1,7 @@
+"""Small reference models built from jsparse modules."""
+
+from jsparse.models.dit import DiT as DiT
+from jsparse.models.dit import DiTConfig as DiTConfig
+from jsparse.models.dit import make_method_config as make_method_config
+from jsparse.models.lm import LM as LM
+from jsparse.models.lm import LMConfig as LMConfig

@@ -1,0 +1,1 @@
+"""Training recipes (Optax + Orbax, laptop CPU to TPU pods)."""
