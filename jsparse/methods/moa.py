@@ -125,7 +125,7 @@ class MoAMethod(base.SparseMethod):
     """
     max_len = k.shape[1]
     sink, window = head_spans(self.config, max_len)
-    j = jnp.arange(max_len)
+    j = jnp.arange(max_len)[None]
     visible = (j <= index) & ((j < sink[:, None]) |
                               (j > index - window[:, None]))
     bias = jnp.where(visible, 0.0, -jnp.inf)[None]
