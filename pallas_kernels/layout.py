@@ -65,8 +65,6 @@ def _is_host(*arrays) -> bool:
 
 
 @_common.numpy_broadcasting
-
-
 def _compact(kind_map, max_blocks: int, tile_map=None):
   """Turns a dense kind map [..., R, C] into padded sorted lists.
 
@@ -107,8 +105,6 @@ def _compact(kind_map, max_blocks: int, tile_map=None):
 
 
 @_common.numpy_broadcasting
-
-
 def _scatter_rows(idx, cnt, values, num_cols: int, fill):
   """Inverse of `_compact`: scatters list entries into a dense [..., C] map."""
   host = _is_host(idx, cnt, values)
@@ -418,7 +414,6 @@ class BlockLayout:
                          self.num_kv_blocks, -1).astype(np.int32)
 
   @_common.numpy_broadcasting
-
   def element_masks(self, q_len: int, kv_len: int):
     """Dense element view: (full, partial) bool maps [Bl, Hl, T, S].
 

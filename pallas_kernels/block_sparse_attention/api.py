@@ -38,8 +38,6 @@ IMPLEMENTATIONS = ("reference", *BACKENDS)
 
 
 @_common.numpy_broadcasting
-
-
 def block_sparse_attention(
     q: jax.Array,
     k: jax.Array,

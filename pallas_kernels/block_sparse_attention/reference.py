@@ -38,8 +38,6 @@ def visible_mask(layout: layout_lib.BlockLayout, spec: tile_math.MaskSpec,
 
 
 @_common.numpy_broadcasting
-
-
 def attention(q, k, v, layout, spec: tile_math.MaskSpec, *, bias_k=None,
               q_segment_ids=None, kv_segment_ids=None):
   """Dense block-sparse attention. Shapes as `block_sparse_attention`.

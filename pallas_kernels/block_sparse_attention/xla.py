@@ -165,8 +165,6 @@ def _logits(g: _Gathered, spec):
 
 
 @_common.numpy_broadcasting
-
-
 def forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec):
   """Returns out [B, T, Hq, D] and lse f32 [B, Hq, T] on padded inputs."""
   geo = _geometry(q, k, layout)
@@ -180,8 +178,6 @@ def forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec):
 
 
 @_common.numpy_broadcasting
-
-
 def backward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, out, lse, dout):
   """Gradients (dq, dk, dv, dbias_k) of the forward pass."""
   geo = _geometry(q, k, layout)
