@@ -5,3 +5,109 @@ keyed by shape buckets (never exact shapes).
 """
 
 from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+import jax.numpy as jnp
+
+
+# -- Triton (GPU) -------------------------------------------------------------
+
+TRITON_TUNED_PATH = pathlib.Path(__file__).with_name("triton_tuned.json")
+
+
+def _is_pow2_at_least_16(n: int) -> bool:
+  return n >= 16 and n & (n - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonConfig:
+  """Launch parameters of the Triton kernels of block_sparse_attention.
+
+  The layout fixes the block granularity. Each kernel program owns a slab of
+  one layout block (rows of a query block for the forward and dQ kernels,
+  keys of a kv block for dK/dV) and walks its listed blocks in chunks. Slabs
+  and chunks are clamped to the layout's block sizes (both are powers of two,
+  so the clamped size divides the block).
+
+  Attributes:
+    block_q: forward query rows per program.
+    block_kv: forward kv chunk per inner step.
+    num_warps: forward warps per program.
+    num_stages: forward software-pipelining stages.
+    dq_block_q: dQ kernel query rows per program.
+    dq_block_kv: dQ kernel kv chunk per inner step.
+    dkv_block_kv: dK/dV kernel keys per program.
+    dkv_block_q: dK/dV kernel query chunk per inner step.
+    bwd_num_warps: warps of both backward kernels.
+    bwd_num_stages: pipelining stages of both backward kernels.
+  """
+
+  block_q: int = 128
+  block_kv: int = 64
+  num_warps: int = 4
+  num_stages: int = 2
+  dq_block_q: int = 64
+  dq_block_kv: int = 64
+  dkv_block_kv: int = 64
+  dkv_block_q: int = 64
+  bwd_num_warps: int = 4
+  bwd_num_stages: int = 2
+
+  def __post_init__(self):
+    for name in ("block_q", "block_kv", "dq_block_q", "dq_block_kv",
+                 "dkv_block_kv", "dkv_block_q"):
+      value = getattr(self, name)
+      if not _is_pow2_at_least_16(value):
+        raise ValueError(
+            f"TritonConfig.{name} must be a power of two >= 16, got {value}")
+    for name in ("num_warps", "bwd_num_warps"):
+      value = getattr(self, name)
+      if value < 1 or value & (value - 1):
+        raise ValueError(
+            f"TritonConfig.{name} must be a power of two, got {value}")
+    for name in ("num_stages", "bwd_num_stages"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"TritonConfig.{name} must be >= 1")
+
+  @classmethod
+  def get_default(cls) -> TritonConfig:
+    return cls()
+
+  @staticmethod
+  def bucket(head_dim: int, dtype) -> str:
+    """Shape bucket key, e.g. "bfloat16/d128" (head dims round up)."""
+    dim = next((b for b in (32, 64, 128) if head_dim <= b), 256)
+    return f"{jnp.dtype(dtype).name}/d{dim}"
+
+  @classmethod
+  def heuristic(cls, head_dim: int, dtype, device_kind: str | None = None,
+                table_path: pathlib.Path | None = None) -> TritonConfig:
+    """Tuned config of the shape bucket on `device_kind`, else a rule.
+
+    Args:
+      head_dim: D of q, k and v.
+      dtype: dtype of q, k and v.
+      device_kind: `jax.Device.device_kind`; None skips the tuned table.
+      table_path: JSON written by eval/autotune_triton.py, mapping
+        device_kind -> bucket -> TritonConfig fields. Default:
+        `TRITON_TUNED_PATH`.
+    """
+    key = cls.bucket(head_dim, dtype)
+    path = TRITON_TUNED_PATH if table_path is None else table_path
+    if device_kind is not None and path.exists():
+      tuned = json.loads(path.read_text()).get(device_kind, {}).get(key)
+      if tuned is not None:
+        return cls(**tuned)
+    wide = jnp.dtype(dtype).itemsize >= 4
+    if head_dim > 128:
+      return cls(block_q=64, block_kv=32, num_warps=8, num_stages=1,
+                 dq_block_q=32, dq_block_kv=32, dkv_block_kv=32,
+                 dkv_block_q=32, bwd_num_warps=8, bwd_num_stages=1)
+    if head_dim > 64:
+      return cls(block_kv=32 if wide else 64, num_warps=8,
+                 dq_block_kv=32 if wide else 64, bwd_num_warps=8,
+                 bwd_num_stages=1 if wide else 2)
+    return cls(num_stages=2 if wide else 3)

@@ -127,3 +127,63 @@ def probabilities(s, lse):
 def logits_cotangent(p, dp, delta):
   """dS = P * (dP - delta), delta = rowsum(dO * O)."""
   return p * (dp - delta)
+
+
+def mask_logits(s, mask):
+  """Logits with masked elements set to -inf (`mask` None: unchanged)."""
+  return s if mask is None else jnp.where(mask, s, -jnp.inf)
+
+
+def online_softmax_update(m_prev, l_prev, s):
+  """One step of the streaming (flash) softmax over a new tile of logits.
+
+  Args:
+    m_prev: f32 [..., R, 1] running row max, -inf for rows that saw nothing.
+    l_prev: f32 [..., R, 1] running sum of exp(logits - m_prev).
+    s: f32 [..., R, K] logits of the new tile, -inf where masked.
+
+  Returns:
+    m: updated row max [..., R, 1] (-inf while a row has seen nothing).
+    l: updated row sum [..., R, 1].
+    p: exp(s - m) [..., R, K], 0 where masked.
+    alpha: [..., R, 1] factor rescaling accumulators built under `m_prev`.
+  """
+  m = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))
+  # A row with nothing visible so far keeps m = -inf; shifting by 0 instead
+  # makes alpha = p = 0 there rather than NaN from (-inf) - (-inf).
+  shift = jnp.where(m == -jnp.inf, 0.0, m)
+  alpha = jnp.exp(m_prev - shift)
+  p = jnp.exp(s - shift)
+  l = alpha * l_prev + jnp.sum(p, axis=-1, keepdims=True)
+  return m, l, p, alpha
+
+
+def online_softmax_finish(m, l, acc):
+  """Output and log-sum-exp [..., R, 1] from the final streaming state.
+
+  Rows that saw no key (l = 0) give output 0 and log-sum-exp -inf.
+  """
+  seen = l > 0
+  lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+  return normalise(acc, l), lse
+
+
+def backward_tile(dot, s, lse, dp, delta, spec: MaskSpec):
+  """Gradient pieces of one tile, recomputed from the saved statistics.
+
+  Args:
+    dot: f32 [..., R, K] raw q.k products.
+    s: f32 [..., R, K] masked logits (-inf where masked).
+    lse: f32 [..., R, 1] saved log-sum-exp (-inf for rows that saw nothing).
+    dp: f32 [..., R, K] dO.V^T.
+    delta: f32 [..., R, 1] rowsum(dO * O).
+    spec: the static mask description.
+
+  Returns:
+    p: normalised probabilities [..., R, K] (for dV = P^T dO).
+    ds: d(loss)/d(logits) [..., R, K] (its column sums give d(bias_k)).
+    ddot: d(loss)/d(q.k) [..., R, K] (dQ = ddot K, dK = ddot^T Q).
+  """
+  p = probabilities(s, lse)
+  ds = logits_cotangent(p, dp, delta)
+  return p, ds, dot_cotangent(ds, dot, spec)
