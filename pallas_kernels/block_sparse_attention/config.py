@@ -111,3 +111,60 @@ class TritonConfig:
                  dq_block_kv=32 if wide else 64, bwd_num_warps=8,
                  bwd_num_stages=1 if wide else 2)
     return cls(num_stages=2 if wide else 3)
+
+
+# -- Mosaic (TPU) --------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicTpuConfig:
+  """Launch parameters of the Mosaic TPU kernels of block_sparse_attention.
+
+  The layout fixes the DMA granularity (block_q x block_kv; 512-1024 is the
+  sweet spot on TPU). Inside a resident kv block the kernels compute on
+  sub-tiles of `block_kv_compute` keys, which bounds the f32 logits tile
+  [block_q, block_kv_compute] held in vregs/VMEM.
+
+  Default compute tile per head dim (clamped to a divisor of block_kv):
+
+  | head dim | block_kv_compute |
+  |----------|------------------|
+  | <= 128   | 512              |
+  | 256      | 256              |
+
+  Attributes:
+    block_kv_compute: keys per compute sub-tile; must divide the layout's
+      block_kv (and be a multiple of 128 on hardware). None: the table above.
+    smem_budget_bytes: SMEM allowed for one launch's scalar-prefetched block
+      lists. TPU v4 and later have 1 MiB of SMEM per core; a quarter is left
+      to Mosaic's own scalars and semaphores. Larger layouts are split over
+      batch / kv-head slices.
+    vmem_limit_bytes: scoped VMEM limit for Mosaic (48 MiB fits every TPU
+      from v4 on, including v7x's 64 MiB); None keeps the compiler default.
+  """
+
+  block_kv_compute: int | None = None
+  smem_budget_bytes: int = 768 * 1024
+  vmem_limit_bytes: int | None = 48 * 1024 * 1024
+
+  def __post_init__(self):
+    if self.block_kv_compute is not None and self.block_kv_compute < 1:
+      raise ValueError(
+          "MosaicTpuConfig.block_kv_compute must be >= 1, got "
+          f"{self.block_kv_compute}")
+    if self.smem_budget_bytes < 1:
+      raise ValueError("MosaicTpuConfig.smem_budget_bytes must be >= 1")
+
+  @classmethod
+  def get_default(cls) -> MosaicTpuConfig:
+    return cls()
+
+  def kv_compute_tile(self, block_kv: int, head_dim: int) -> int:
+    """The compute sub-tile for a layout block_kv and head dim."""
+    if self.block_kv_compute is not None:
+      return self.block_kv_compute
+    # The largest power-of-two divisor of block_kv up to the table's value.
+    tile = 512 if head_dim <= 128 else 256
+    while block_kv % tile:
+      tile //= 2
+    return tile

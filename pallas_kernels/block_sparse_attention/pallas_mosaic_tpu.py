@@ -1,0 +1,878 @@
+"""Mosaic TPU kernels of block-sparse attention (forward, dQ, dK/dV).
+
+The layout's lists drive the pipelines through scalar prefetch: the grid is
+(batch, heads, rows, list slots) and each BlockSpec index_map reads the block
+id of the current slot from SMEM, so the pipeline DMAs exactly the listed
+blocks. Slots past a row's count repeat the row's last id (the layout's
+padding contract), so the pipeline sees an unchanged block index and issues no
+copy, and the kernel body skips them.
+
+- forward and dQ: grid (B, Hq, Qb, Kmax) over `layout.kv_idx`; the output
+  block stays resident over the last ("arbitrary") axis while a flash
+  (online-softmax) state accumulates in VMEM scratch.
+- dK/dV(/d bias_k): grid (B, Hkv, Kb, G * Qmax) over the transposed lists;
+  the last axis walks the q heads of the GQA group one after the other, so
+  dK/dV of a kv head sum their contributions in VMEM: no atomics.
+
+GQA reads the kv head h // G in the index maps (no K/V repeat). Full blocks
+do no mask work; partial blocks evaluate the band, segment and tile
+predicates; the last kv block masks its padding keys when S is ragged.
+Row statistics (running max/sum, log-sum-exp, delta) are kept
+lane-replicated [rows, 128] as in splash attention.
+
+On a non-TPU backend the kernels run in Pallas interpret mode; exporting for
+TPU from any host lowers the Mosaic kernels (`lax.platform_dependent`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import math
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import _common
+from pallas_kernels import layout as layout_lib
+from pallas_kernels.block_sparse_attention import config as config_lib
+from pallas_kernels.block_sparse_attention import tile_math
+
+NAME = "mosaic_tpu"
+
+NUM_LANES = 128
+NUM_SUBLANES = 8
+# Step codes of the prefetched lists: 0 skips the slot (past the row's
+# count); PARTIAL and FULL as in the layout; TILED is a partial block that
+# also reads its element mask from the tile pool.
+_SKIP = 0
+_TILED = 3
+_NT_DIMS = (((1,), (1,)), ((), ()))
+
+
+def unavailable_reason(platform: str, interpret) -> str | None:
+  """None when the kernels can run: on TPU, or anywhere in interpret mode."""
+  if platform == "tpu" or interpret:
+    return None
+  return f"Mosaic TPU kernels need a TPU or interpret mode, not {platform!r}"
+
+
+# -- static geometry -----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+  """Static sizes of one kernel launch (after any SMEM split)."""
+
+  batch: int
+  num_q_heads: int
+  num_kv_heads: int
+  layout_batch: int
+  layout_heads: int
+  bias_batch: int  # 0: no bias
+  bias_heads: int
+  head_dim: int
+  block_q: int
+  block_kv: int
+  block_kv_compute: int
+  num_q_blocks: int
+  num_kv_blocks: int
+
+  @property
+  def group(self) -> int:
+    return self.num_q_heads // self.num_kv_heads
+
+  def kv_head(self, h):
+    return h if self.group == 1 else lax.div(h, self.group)
+
+  def layout_entry(self, b, h):
+    """(layout batch, layout head) read by q head h of batch b."""
+    lb = b if self.layout_batch > 1 else 0
+    if self.layout_heads == 1:
+      lh = 0
+    elif self.layout_heads == self.num_q_heads:
+      lh = h
+    else:
+      lh = self.kv_head(h)
+    return lb, lh
+
+  def bias_entry(self, b, h):
+    bb = b if self.bias_batch > 1 else 0
+    if self.bias_heads == 1:
+      bh = 0
+    elif self.bias_heads == self.num_q_heads:
+      bh = h
+    else:
+      bh = self.kv_head(h)
+    return bb, bh
+
+
+def _compute_tile(cfg: config_lib.MosaicTpuConfig, block_kv: int,
+                  head_dim: int) -> int:
+  tile = cfg.kv_compute_tile(block_kv, head_dim)
+  if block_kv % tile:
+    raise ValueError(
+        f"block_kv_compute={tile} must divide the layout's block_kv="
+        f"{block_kv}")
+  return tile
+
+
+# -- scalar-prefetched step lists ----------------------------------------------
+
+
+def _smallest_int(max_value: int):
+  for dtype in (np.int8, np.int16):
+    if max_value <= np.iinfo(dtype).max:
+      return dtype
+  return np.int32
+
+
+@dataclasses.dataclass(frozen=True)
+class _Lists:
+  """Flattened step lists [Bl * Hl * R * W] living in SMEM.
+
+  `block` holds the block id of each slot, `code` the step code, `tile` the
+  pool tile each slot fetches (None without a pool).
+  """
+
+  block: jax.Array
+  code: jax.Array
+  tile: jax.Array | None
+  width: int
+
+  def arrays(self):
+    return (self.block, self.code) + (() if self.tile is None else
+                                      (self.tile,))
+
+
+def _step_lists(idx, cnt, kind, tile_idx, *, num_blocks: int,
+                num_tiles: int) -> _Lists:
+  """Step codes and fetch ids from layout-style lists [Bl, Hl, R, W]."""
+  idx, cnt, kind = jnp.asarray(idx), jnp.asarray(cnt), jnp.asarray(kind)
+  width = idx.shape[-1]
+  slot = jnp.arange(width, dtype=jnp.int32)
+  valid = slot < cnt[..., None]
+  code = jnp.where(valid, kind.astype(jnp.int32), _SKIP)
+  tile = None
+  if tile_idx is not None:
+    tile_idx = jnp.asarray(tile_idx)
+    has_tile = valid & (code == layout_lib.PARTIAL) & (tile_idx >= 0)
+    code = jnp.where(has_tile, _TILED, code)
+    # Slots without a tile re-fetch the row's previous tile (slots before the
+    # first tile fetch it early), so the pool is only copied when the tile
+    # changes.
+    last = lax.cummax(jnp.where(has_tile, slot, -1), axis=idx.ndim - 1)
+    first = jnp.argmax(has_tile, axis=-1)[..., None]
+    source = jnp.where(last >= 0, last, first)
+    tile = jnp.maximum(jnp.take_along_axis(tile_idx, source, axis=-1), 0)
+    tile = tile.reshape(-1).astype(_smallest_int(num_tiles - 1))
+  return _Lists(idx.reshape(-1).astype(_smallest_int(num_blocks - 1)),
+                code.reshape(-1).astype(np.int8), tile, width)
+
+
+def prefetch_bytes(list_shape, *, num_blocks: int,
+                   num_tiles: int | None) -> int:
+  """SMEM bytes of the step lists of a [Bl, Hl, R, W] layout slice.
+
+  Each list is one flat array (block ids in the smallest int type that holds
+  `num_blocks - 1`, int8 step codes, tile ids when a pool is used), padded to
+  whole 32-bit SMEM words.
+  """
+  n = math.prod(list_shape)
+  sizes = [np.dtype(_smallest_int(num_blocks - 1)).itemsize, 1]
+  if num_tiles is not None:
+    sizes.append(np.dtype(_smallest_int(num_tiles - 1)).itemsize)
+  return sum(-(-n * s // 4) * 4 for s in sizes)
+
+
+# -- kernels -------------------------------------------------------------------
+
+
+def _lanes(x, n: int):
+  """Widens a lane-replicated [rows, 128] array to [rows, n]."""
+  if n <= NUM_LANES:
+    return x[:, :n]
+  return jnp.tile(x, (1, -(-n // NUM_LANES)))[:, :n]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Kernel:
+  """Static description shared by the three kernels."""
+
+  geo: _Geometry
+  spec: tile_math.MaskSpec
+  has_bias: bool
+  list_width: int
+
+  @property
+  def has_segments(self) -> bool:
+    return self.spec.has_segments
+
+  @property
+  def has_tiles(self) -> bool:
+    return self.spec.has_tiles
+
+
+def _unpack(refs, names):
+  """Splits the flat ref list of a kernel call into a dict by name."""
+  return dict(zip(names, refs, strict=True))
+
+
+def _input_names(kern: _Kernel, *, backward: bool):
+  names = ["q", "k", "v"]
+  names += ["bias"] if kern.has_bias else []
+  names += ["q_seg", "kv_seg"] if kern.has_segments else []
+  names += ["tiles"] if kern.has_tiles else []
+  names += ["do", "lse", "delta"] if backward else []
+  return names
+
+
+def _prefetch_names(kern: _Kernel):
+  return ["block", "code"] + (["tile_id"] if kern.has_tiles else [])
+
+
+def _logits(kern: _Kernel, r, q, chunk: int, code, q_block, kv_block,
+            masked: bool):
+  """Raw products and masked logits of one [block_q, block_kv_compute] tile.
+
+  `chunk` selects the compute sub-tile of the resident kv block; q is the
+  [block_q, D] query block.
+  """
+  geo, spec = kern.geo, kern.spec
+  n = geo.block_kv_compute
+  cols = pl.ds(chunk * n, n)
+  dot = lax.dot_general(q, r["k"][cols, :], _NT_DIMS,
+                        preferred_element_type=jnp.float32)
+  s = tile_math.logits(dot, spec, r["bias"][:, cols] if kern.has_bias
+                       else None)
+  if not masked:
+    return dot, s
+  shape = (geo.block_q, n)
+  q_pos = q_block * geo.block_q + lax.broadcasted_iota(jnp.int32, shape, 0)
+  kv_pos = (kv_block * geo.block_kv + chunk * n
+            + lax.broadcasted_iota(jnp.int32, shape, 1))
+  mask = None
+  if spec.partial_needs_mask:
+    q_seg = kv_seg = tile = None
+    if kern.has_segments:
+      q_seg = _lanes(r["q_seg"][...], n)
+      kv_seg = r["kv_seg"][:1, cols]
+    if kern.has_tiles:
+      tile = r["tiles"][:, cols] | (code != _TILED)
+    partial = tile_math.partial_block_mask(q_pos, kv_pos, spec, q_seg=q_seg,
+                                           kv_seg=kv_seg, tile=tile)
+    if partial is not None:
+      mask = partial | (code == layout_lib.FULL)
+  padding = tile_math.padding_mask(kv_pos, spec)
+  if padding is not None:
+    mask = padding if mask is None else mask & padding
+  return dot, tile_math.mask_logits(s, mask)
+
+
+def _run_steps(kern: _Kernel, code, kv_block, step):
+  """Calls step(masked) for a listed slot; full blocks skip mask work."""
+  spec = kern.spec
+  listed = code != _SKIP
+  if not (spec.partial_needs_mask or spec.kv_is_ragged):
+    pl.when(listed)(lambda: step(False))
+    return
+  needs_mask = jnp.bool_(False)
+  if spec.partial_needs_mask:
+    needs_mask = (code == layout_lib.PARTIAL) | (code == _TILED)
+  if spec.kv_is_ragged:
+    needs_mask = needs_mask | (kv_block == kern.geo.num_kv_blocks - 1)
+  pl.when(listed & needs_mask)(lambda: step(True))
+  pl.when(listed & ~needs_mask)(lambda: step(False))
+
+
+def _fwd_kernel(*refs, kern: _Kernel):
+  names = (_prefetch_names(kern) + _input_names(kern, backward=False)
+           + ["out", "lse_out", "m", "l", "acc"])
+  r = _unpack(refs, names)
+  geo = kern.geo
+  b, h, i, j = (pl.program_id(a) for a in range(4))
+  slot = _list_slot(kern, geo.num_q_blocks, b, h, i, j)
+  kv_block = r["block"][slot].astype(jnp.int32)
+  code = r["code"][slot].astype(jnp.int32)
+
+  @pl.when(j == 0)
+  def _init():
+    r["m"][...] = jnp.full_like(r["m"], -jnp.inf)
+    r["l"][...] = jnp.zeros_like(r["l"])
+    r["acc"][...] = jnp.zeros_like(r["acc"])
+
+  def step(masked):
+    q = r["q"][...]
+    for chunk in range(geo.block_kv // geo.block_kv_compute):
+      _, s = _logits(kern, r, q, chunk, code, i, kv_block, masked)
+      m_prev = r["m"][...]
+      m, l, p, alpha = tile_math.online_softmax_update(
+          m_prev[:, :1], r["l"][:, :1], s)
+      r["m"][...] = jnp.broadcast_to(m, m_prev.shape)
+      r["l"][...] = jnp.broadcast_to(l, m_prev.shape)
+      v = r["v"][pl.ds(chunk * geo.block_kv_compute, geo.block_kv_compute),
+                 :]
+      r["acc"][...] = alpha * r["acc"][...] + jnp.dot(
+          p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+
+  _run_steps(kern, code, kv_block, step)
+
+  @pl.when(j == kern.list_width - 1)
+  def _finish():
+    out, lse = tile_math.online_softmax_finish(
+        r["m"][:, :1], r["l"][:, :1], r["acc"][...])
+    r["out"][...] = out.astype(r["out"].dtype)
+    r["lse_out"][...] = jnp.broadcast_to(lse, r["lse_out"].shape)
+
+
+def _list_slot(kern: _Kernel, rows: int, b, h, row, j):
+  """Flat index of list slot j of `row` for q head h of batch b."""
+  lb, lh = kern.geo.layout_entry(b, h)
+  return ((lb * kern.geo.layout_heads + lh) * rows + row) * kern.list_width + j
+
+
+def _bwd_tile(kern: _Kernel, r, q, do, chunk, code, q_block, kv_block,
+              masked):
+  """Recomputed gradient pieces of one compute sub-tile."""
+  n = kern.geo.block_kv_compute
+  dot, s = _logits(kern, r, q, chunk, code, q_block, kv_block, masked)
+  v = r["v"][pl.ds(chunk * n, n), :]
+  dp = lax.dot_general(do, v, _NT_DIMS, preferred_element_type=jnp.float32)
+  return tile_math.backward_tile(dot, s, r["lse"][:, :1], dp,
+                                 r["delta"][:, :1], kern.spec)
+
+
+def _dq_kernel(*refs, kern: _Kernel):
+  names = (_prefetch_names(kern) + _input_names(kern, backward=True)
+           + ["dq", "dq_acc"])
+  r = _unpack(refs, names)
+  geo = kern.geo
+  b, h, i, j = (pl.program_id(a) for a in range(4))
+  slot = _list_slot(kern, geo.num_q_blocks, b, h, i, j)
+  kv_block = r["block"][slot].astype(jnp.int32)
+  code = r["code"][slot].astype(jnp.int32)
+
+  @pl.when(j == 0)
+  def _init():
+    r["dq_acc"][...] = jnp.zeros_like(r["dq_acc"])
+
+  def step(masked):
+    q, do = r["q"][...], r["do"][...]
+    n = geo.block_kv_compute
+    for chunk in range(geo.block_kv // n):
+      _, _, ddot = _bwd_tile(kern, r, q, do, chunk, code, i, kv_block, masked)
+      k = r["k"][pl.ds(chunk * n, n), :]
+      r["dq_acc"][...] += jnp.dot(ddot.astype(k.dtype), k,
+                                  preferred_element_type=jnp.float32)
+
+  _run_steps(kern, code, kv_block, step)
+
+  @pl.when(j == kern.list_width - 1)
+  def _finish():
+    r["dq"][...] = r["dq_acc"][...].astype(r["dq"].dtype)
+
+
+def _dkv_kernel(*refs, kern: _Kernel):
+  names = (_prefetch_names(kern) + _input_names(kern, backward=True)
+           + ["dk", "dv"] + (["dbias"] if kern.has_bias else [])
+           + ["dk_acc", "dv_acc"] + (["dbias_acc"] if kern.has_bias else []))
+  r = _unpack(refs, names)
+  geo, width = kern.geo, kern.list_width
+  b, hk, kb, a = (pl.program_id(x) for x in range(4))
+  member, j = lax.div(a, width), lax.rem(a, width)
+  slot = _list_slot(kern, geo.num_kv_blocks, b, hk * geo.group + member, kb,
+                    j)
+  q_block = r["block"][slot].astype(jnp.int32)
+  code = r["code"][slot].astype(jnp.int32)
+
+  @pl.when(a == 0)
+  def _init():
+    r["dk_acc"][...] = jnp.zeros_like(r["dk_acc"])
+    r["dv_acc"][...] = jnp.zeros_like(r["dv_acc"])
+
+  if kern.has_bias:
+    # d bias_k is kept per q head: its block moves with the group member.
+    @pl.when(j == 0)
+    def _init_bias():
+      r["dbias_acc"][...] = jnp.zeros_like(r["dbias_acc"])
+
+  def step(masked):
+    q, do = r["q"][...], r["do"][...]
+    n = geo.block_kv_compute
+    for chunk in range(geo.block_kv // n):
+      rows = pl.ds(chunk * n, n)
+      p, ds, ddot = _bwd_tile(kern, r, q, do, chunk, code, q_block, kb,
+                              masked)
+      r["dv_acc"][rows, :] += jnp.dot(p.T.astype(do.dtype), do,
+                                      preferred_element_type=jnp.float32)
+      r["dk_acc"][rows, :] += jnp.dot(ddot.T.astype(q.dtype), q,
+                                      preferred_element_type=jnp.float32)
+      if kern.has_bias:
+        r["dbias_acc"][:, rows] += jnp.sum(ds, axis=0, keepdims=True)
+
+  _run_steps(kern, code, kb, step)
+
+  if kern.has_bias:
+    @pl.when(j == width - 1)
+    def _finish_bias():
+      r["dbias"][...] = r["dbias_acc"][...]
+
+  @pl.when(a == geo.group * width - 1)
+  def _finish():
+    r["dk"][...] = r["dk_acc"][...].astype(r["dk"].dtype)
+    r["dv"][...] = r["dv_acc"][...].astype(r["dv"].dtype)
+
+
+# -- pallas_call wrappers ------------------------------------------------------
+
+
+def _call(kernel, kern: _Kernel, *, grid, in_specs, out_specs, out_shape,
+          scratch_shapes, cfg: config_lib.MosaicTpuConfig, interpret, name):
+  """pallas_call with a TPU grid spec; interpret None picks by platform."""
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=len(_prefetch_names(kern)), grid=grid,
+      in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch_shapes)
+  params = pltpu.CompilerParams(
+      dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
+      vmem_limit_bytes=cfg.vmem_limit_bytes)
+
+  def run(interpret_mode, *args):
+    return pl.pallas_call(
+        functools.partial(kernel, kern=kern), grid_spec=grid_spec,
+        out_shape=out_shape, compiler_params=params,
+        interpret=interpret_mode, name=name)(*args)
+
+  if interpret is not None:
+    return functools.partial(run, interpret)
+  # Compiled Mosaic when lowering for TPU, the interpreter elsewhere.
+  return lambda *args: lax.platform_dependent(
+      *args, tpu=functools.partial(run, False),
+      default=functools.partial(run, True))
+
+
+def _operands(kern: _Kernel, q, k, v, bias, q_seg, kv_seg, tiles):
+  """Kernel-side operand layouts and their names (see _input_names)."""
+  geo = kern.geo
+  ops = [q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3),
+         v.transpose(0, 2, 1, 3)]
+  if kern.has_bias:
+    ops.append(bias.astype(jnp.float32)[:, :, None, :])
+  if kern.has_segments:
+    # q ids lane-replicated, kv ids sublane-replicated (as splash).
+    ops.append(jnp.broadcast_to(q_seg[:, :, None],
+                                (*q_seg.shape, NUM_LANES)))
+    ops.append(jnp.broadcast_to(kv_seg[:, None, :], (
+        geo.batch, NUM_SUBLANES, kv_seg.shape[1])))
+  if kern.has_tiles:
+    ops.append(jnp.asarray(tiles, jnp.bool_))
+  return ops
+
+
+def _specs(kern: _Kernel, q_index, kv_index, tile_index, *, backward: bool):
+  """BlockSpecs of the inputs given the per-step (b, h, block) callables.
+
+  q_index(*grid, *prefetch) -> (b, q head, q block); kv_index -> (b, kv head,
+  kv block); tile_index -> pool id.
+  """
+  geo = kern.geo
+  d = geo.head_dim
+
+  def q_map(*ix):
+    b, h, blk = q_index(*ix)
+    return b, h, blk, 0
+
+  def kv_map(*ix):
+    b, h, blk = kv_index(*ix)
+    return b, h, blk, 0
+
+  row = lambda shape: pl.BlockSpec((None, None, *shape), q_map)
+  specs = [row((geo.block_q, d)),
+           pl.BlockSpec((None, None, geo.block_kv, d), kv_map),
+           pl.BlockSpec((None, None, geo.block_kv, d), kv_map)]
+  if kern.has_bias:
+    def bias_map(*ix):
+      b, h, _ = q_index(*ix)
+      _, _, blk = kv_index(*ix)
+      return (*geo.bias_entry(b, h), 0, blk)
+    specs.append(pl.BlockSpec((None, None, 1, geo.block_kv), bias_map))
+  if kern.has_segments:
+    def q_seg_map(*ix):
+      b, _, blk = q_index(*ix)
+      return b, blk, 0
+
+    def kv_seg_map(*ix):
+      b, _, blk = kv_index(*ix)
+      return b, 0, blk
+    specs.append(pl.BlockSpec((None, geo.block_q, NUM_LANES), q_seg_map))
+    specs.append(pl.BlockSpec((None, NUM_SUBLANES, geo.block_kv), kv_seg_map))
+  if kern.has_tiles:
+    specs.append(pl.BlockSpec((None, geo.block_q, geo.block_kv),
+                              lambda *ix: (tile_index(*ix), 0, 0)))
+  if backward:
+    specs += [row((geo.block_q, d)), row((geo.block_q, NUM_LANES)),
+              row((geo.block_q, NUM_LANES))]
+  return specs
+
+
+def _row_index(kern: _Kernel, rows: int):
+  """Index-map helpers reading (block, tile) of the current q-major slot."""
+
+  def block(b, h, i, j, block_ref, code_ref, *tile_ref):
+    del code_ref, tile_ref
+    return block_ref[_list_slot(kern, rows, b, h, i, j)].astype(jnp.int32)
+
+  def tile(b, h, i, j, block_ref, code_ref, tile_ref):
+    del block_ref, code_ref
+    return tile_ref[_list_slot(kern, rows, b, h, i, j)].astype(jnp.int32)
+
+  return block, tile
+
+
+def _forward_slice(q, k, v, bias, q_seg, kv_seg, lists: _Lists, tiles, spec,
+                   block_kv_compute, cfg, interpret, layout_shape):
+  """One launch of the forward kernel; shapes as `forward`."""
+  geo = _geometry_of(q, k, bias, layout_shape, block_kv_compute)
+  kern = _Kernel(geo, spec, bias is not None, lists.width)
+  block, tile = _row_index(kern, geo.num_q_blocks)
+  q_index = lambda b, h, i, j, *refs: (b, h, i)
+  kv_index = lambda b, h, i, j, *refs: (b, geo.kv_head(h),
+                                        block(b, h, i, j, *refs))
+  in_specs = _specs(kern, q_index, kv_index, tile, backward=False)
+  out_map = lambda b, h, i, j, *refs: (b, h, i, 0)
+  grid = (geo.batch, geo.num_q_heads, geo.num_q_blocks, lists.width)
+  tp = geo.num_q_blocks * geo.block_q
+  out, lse = _call(
+      _fwd_kernel, kern, grid=grid, in_specs=in_specs,
+      out_specs=[
+          pl.BlockSpec((None, None, geo.block_q, geo.head_dim), out_map),
+          pl.BlockSpec((None, None, geo.block_q, NUM_LANES), out_map)],
+      out_shape=[
+          jax.ShapeDtypeStruct((geo.batch, geo.num_q_heads, tp, geo.head_dim),
+                               q.dtype),
+          jax.ShapeDtypeStruct((geo.batch, geo.num_q_heads, tp, NUM_LANES),
+                               jnp.float32)],
+      scratch_shapes=[pltpu.VMEM((geo.block_q, NUM_LANES), jnp.float32),
+                      pltpu.VMEM((geo.block_q, NUM_LANES), jnp.float32),
+                      pltpu.VMEM((geo.block_q, geo.head_dim), jnp.float32)],
+      cfg=cfg, interpret=interpret, name="block_sparse_attention_fwd",
+  )(*lists.arrays(), *_operands(kern, q, k, v, bias, q_seg, kv_seg, tiles))
+  return out.transpose(0, 2, 1, 3), lse[..., 0]
+
+
+def _geometry_of(q, k, bias, layout_shape, block_kv_compute) -> _Geometry:
+  bl, hl, block_q, block_kv, num_kv_blocks = layout_shape
+  b, tp, hq, d = q.shape
+  bb, bh = (0, 0) if bias is None else bias.shape[:2]
+  return _Geometry(
+      batch=b, num_q_heads=hq, num_kv_heads=k.shape[2], layout_batch=bl,
+      layout_heads=hl, bias_batch=bb, bias_heads=bh, head_dim=d,
+      block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv_compute,
+      num_q_blocks=tp // block_q, num_kv_blocks=num_kv_blocks)
+
+
+def _backward_slice(q, k, v, bias, q_seg, kv_seg, lists: _Lists,
+                    lists_t: _Lists, tiles, spec, block_kv_compute, cfg,
+                    interpret, layout_shape, out, lse, dout, dlse):
+  """dq, dk, dv and per-(batch, q head) d bias_k [B, Hq, Sp] of one slice."""
+  geo = _geometry_of(q, k, bias, layout_shape, block_kv_compute)
+  tp = geo.num_q_blocks * geo.block_q
+  sp = geo.num_kv_blocks * geo.block_kv
+  d = geo.head_dim
+  # d lse_i / d s_ij = p_ij, so the lse cotangent enters as
+  # dS = P * (dP - (delta - dlse)).
+  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), -1)
+  delta = delta.transpose(0, 2, 1)
+  if dlse is not None:
+    delta = delta - dlse.astype(jnp.float32)
+  lanes = lambda x: jnp.broadcast_to(x[..., None], (*x.shape, NUM_LANES))
+  row_ops = [dout.transpose(0, 2, 1, 3), lanes(lse), lanes(delta)]
+  has_bias = bias is not None
+
+  # dQ over the forward lists.
+  kern = _Kernel(geo, spec, has_bias, lists.width)
+  ops = _operands(kern, q, k, v, bias, q_seg, kv_seg, tiles) + row_ops
+  block, tile = _row_index(kern, geo.num_q_blocks)
+  q_index = lambda b, h, i, j, *refs: (b, h, i)
+  kv_index = lambda b, h, i, j, *refs: (b, geo.kv_head(h),
+                                        block(b, h, i, j, *refs))
+  out_map = lambda b, h, i, j, *refs: (b, h, i, 0)
+  dq = _call(
+      _dq_kernel, kern,
+      grid=(geo.batch, geo.num_q_heads, geo.num_q_blocks, lists.width),
+      in_specs=_specs(kern, q_index, kv_index, tile, backward=True),
+      out_specs=pl.BlockSpec((None, None, geo.block_q, d), out_map),
+      out_shape=jax.ShapeDtypeStruct((geo.batch, geo.num_q_heads, tp, d),
+                                     q.dtype),
+      scratch_shapes=[pltpu.VMEM((geo.block_q, d), jnp.float32)],
+      cfg=cfg, interpret=interpret, name="block_sparse_attention_dq",
+  )(*lists.arrays(), *ops)
+
+  # dK/dV over the transposed lists; the last grid axis walks the q heads of
+  # the kv head's group (member = a // Qmax) and their list slots.
+  kern_t = _Kernel(geo, spec, has_bias, lists_t.width)
+  width = lists_t.width
+
+  def member_slot(b, hk, kb, a, block_ref, code_ref, *tile_ref):
+    del code_ref
+    h = hk * geo.group + lax.div(a, width)
+    slot = _list_slot(kern_t, geo.num_kv_blocks, b, h, kb, lax.rem(a, width))
+    return h, block_ref, tile_ref, slot
+
+  def q_index_t(*ix):
+    h, block_ref, _, slot = member_slot(*ix)
+    return ix[0], h, block_ref[slot].astype(jnp.int32)
+
+  def tile_t(*ix):
+    _, _, tile_ref, slot = member_slot(*ix)
+    return tile_ref[0][slot].astype(jnp.int32)
+
+  kv_index_t = lambda b, hk, kb, a, *refs: (b, hk, kb)
+  kv_out = lambda b, hk, kb, a, *refs: (b, hk, kb, 0)
+  out_specs = [pl.BlockSpec((None, None, geo.block_kv, d), kv_out)] * 2
+  out_shape = [jax.ShapeDtypeStruct(
+      (geo.batch, geo.num_kv_heads, sp, d), x.dtype) for x in (k, v)]
+  scratch = [pltpu.VMEM((geo.block_kv, d), jnp.float32)] * 2
+  if has_bias:
+    def dbias_map(*ix):
+      _, h, _ = q_index_t(*ix)
+      return ix[0], h, 0, ix[2]
+    out_specs.append(pl.BlockSpec((None, None, 1, geo.block_kv), dbias_map))
+    out_shape.append(jax.ShapeDtypeStruct(
+        (geo.batch, geo.num_q_heads, 1, sp), jnp.float32))
+    scratch.append(pltpu.VMEM((1, geo.block_kv), jnp.float32))
+  grads = _call(
+      _dkv_kernel, kern_t,
+      grid=(geo.batch, geo.num_kv_heads, geo.num_kv_blocks,
+            geo.group * width),
+      in_specs=_specs(kern_t, q_index_t, kv_index_t, tile_t, backward=True),
+      out_specs=out_specs, out_shape=out_shape, scratch_shapes=scratch,
+      cfg=cfg, interpret=interpret, name="block_sparse_attention_dkv",
+  )(*lists_t.arrays(), *ops)
+  dk, dv = (g.transpose(0, 2, 1, 3) for g in grads[:2])
+  dbias = grads[2][:, :, 0] if has_bias else None
+  return dq.transpose(0, 2, 1, 3), dk, dv, dbias
+
+
+# -- SMEM budget: split the launch over batch / kv-head slices -----------------
+
+
+def _divisors(n: int) -> list[int]:
+  return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _plan_split(batch: int, num_kv_heads: int, list_shapes, *,
+                num_blocks, num_tiles, budget: int, what: str):
+  """Fewest (batch chunks, kv-head chunks) whose step lists fit in SMEM.
+
+  Args:
+    batch: B.
+    num_kv_heads: Hkv.
+    list_shapes: [Bl, Hl, R, W] shapes of the lists one launch prefetches
+      (the largest of them must fit).
+    num_blocks: per list, the number of block ids it addresses.
+    num_tiles: the tile pool size, or None.
+    budget: SMEM bytes allowed for one launch's lists.
+    what: name of the pass, for the error message.
+
+  Returns:
+    (nb, nh): split the batch into nb and the kv heads into nh chunks.
+
+  Raises:
+    ValueError: when even one (batch, kv head) slice does not fit.
+  """
+  bl, hl = list_shapes[0][:2]
+  options = itertools.product(_divisors(batch) if bl > 1 else [1],
+                              _divisors(num_kv_heads) if hl > 1 else [1])
+
+  def need(nb, nh):
+    return max(prefetch_bytes((bl // nb, hl // nh, *shape[2:]),
+                              num_blocks=blocks, num_tiles=num_tiles)
+               for shape, blocks in zip(list_shapes, num_blocks))
+
+  for nb, nh in sorted(options, key=lambda o: (o[0] * o[1], o[0])):
+    if need(nb, nh) <= budget:
+      return nb, nh
+  smallest = need(batch if bl > 1 else 1, num_kv_heads if hl > 1 else 1)
+  raise ValueError(
+      f"mosaic_tpu {what}: the scalar-prefetched block lists of one "
+      f"(batch, kv head) slice need {smallest} bytes of SMEM (lists "
+      f"{[tuple(s) for s in list_shapes]}), over the budget of {budget} "
+      "bytes (MosaicTpuConfig.smem_budget_bytes). Use larger layout blocks "
+      "(fewer query/kv blocks), a smaller max_kv_blocks, or raise the "
+      "budget on chips with more SMEM.")
+
+
+def _chunk(x, axis, n: int, index):
+  """Chunk `index` of n along `axis`; size-1 (broadcast) axes are kept."""
+  if x is None or axis is None or n == 1 or x.shape[axis] == 1:
+    return x
+  size = x.shape[axis] // n
+  return lax.dynamic_slice_in_dim(jnp.asarray(x), index * size, size, axis)
+
+
+def _merge(y, batch_axis: int, head_axis: int, nb: int, nh: int):
+  """[nb * nh, ...] stacked slice results -> one array (inverse of _chunk)."""
+  if y is None:
+    return None
+  shape = y.shape[1:]
+  y = y.reshape(nb, nh, *shape)
+  perm = []
+  for a in range(len(shape)):
+    perm += [0] if a == batch_axis else []
+    perm += [1] if a == head_axis else []
+    perm.append(a + 2)
+  merged = [s * (nb if a == batch_axis else 1) * (nh if a == head_axis else 1)
+            for a, s in enumerate(shape)]
+  return y.transpose(perm).reshape(merged)
+
+
+def _map_slices(fn, split, args, out_axes):
+  """Runs fn on each (batch, head) slice of args and merges its outputs.
+
+  Args:
+    fn: callable of the sliced args returning a tuple of arrays (or None).
+    split: (nb, nh) from `_plan_split`.
+    args: (array or None, batch axis or None, head axis or None) triples.
+    out_axes: (batch axis, head axis) per output of fn.
+  """
+  nb, nh = split
+  if nb * nh == 1:
+    return fn(*(a for a, _, _ in args))
+
+  def piece(index):
+    ib, ih = index // nh, index % nh
+    return fn(*(_chunk(_chunk(a, ba, nb, ib), ha, nh, ih)
+                for a, ba, ha in args))
+
+  outs = lax.map(piece, jnp.arange(nb * nh))
+  return tuple(_merge(o, ba, ha, nb, nh) for o, (ba, ha) in zip(outs,
+                                                                 out_axes))
+
+
+def _layout_args(layout):
+  """The layout's per-(batch, head) leaves as _map_slices args."""
+  return [(layout.kv_idx, 0, 1), (layout.kv_cnt, 0, 1),
+          (layout.kv_kind, 0, 1), (layout.tile_idx, 0, 1)]
+
+
+def _num_tiles(layout):
+  return None if layout.tiles is None else layout.tiles.shape[0]
+
+
+# -- public entry points (called by api.py) ------------------------------------
+
+
+@_common.numpy_broadcasting
+def forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, *, config=None,
+            interpret=None):
+  """Forward pass on block-padded inputs.
+
+  Args:
+    q: [B, Tp, Hq, D] queries, Tp = Qb * block_q.
+    k: [B, Sp, Hkv, D] keys, Sp = Kb * block_kv.
+    v: [B, Sp, Hkv, D] values.
+    bias_k: optional [B|1, Hq|Hkv|1, Sp] per-key logit bias.
+    q_seg: optional int32 [B, Tp] query segment ids.
+    kv_seg: optional int32 [B, Sp] key segment ids.
+    layout: the `BlockLayout` ([Bl, Hl, Qb, Kmax] lists).
+    spec: the op's `tile_math.MaskSpec`.
+    config: a `MosaicTpuConfig`; default `MosaicTpuConfig.get_default()`.
+    interpret: None runs Mosaic on TPU and the interpreter elsewhere; True or
+      a `pltpu.InterpretParams` forces interpret mode, False forces Mosaic.
+
+  Returns:
+    out [B, Tp, Hq, D] in q's dtype and lse f32 [B, Hq, Tp] (-inf for rows
+    that see no key).
+
+  Raises:
+    ValueError: if block_kv_compute does not divide block_kv, or the block
+      lists of one (batch, kv head) slice exceed the SMEM budget.
+  """
+  cfg = config or config_lib.MosaicTpuConfig.get_default()
+  tile = _compute_tile(cfg, layout.block_kv, q.shape[-1])
+  num_tiles = _num_tiles(layout)
+  split = _plan_split(q.shape[0], k.shape[2], [layout.kv_idx.shape],
+                      num_blocks=[layout.num_kv_blocks], num_tiles=num_tiles,
+                      budget=cfg.smem_budget_bytes, what="forward")
+
+  def run(q, k, v, bias, q_seg, kv_seg, idx, cnt, kind, tile_idx):
+    lists = _step_lists(idx, cnt, kind, tile_idx,
+                        num_blocks=layout.num_kv_blocks, num_tiles=num_tiles)
+    shape = (idx.shape[0], idx.shape[1], layout.block_q, layout.block_kv,
+             layout.num_kv_blocks)
+    return _forward_slice(q, k, v, bias, q_seg, kv_seg, lists, layout.tiles,
+                          spec, tile, cfg, interpret, shape)
+
+  args = [(q, 0, 2), (k, 0, 2), (v, 0, 2), (bias_k, 0, 1), (q_seg, 0, None),
+          (kv_seg, 0, None), *_layout_args(layout)]
+  return _map_slices(run, split, args, [(0, 2), (0, 1)])
+
+
+@_common.numpy_broadcasting
+def backward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, out, lse, dout,
+             dlse=None, *, config=None, interpret=None):
+  """Gradients of `forward` with respect to q, k, v and bias_k.
+
+  Args:
+    q, k, v, bias_k, q_seg, kv_seg, layout, spec: as `forward`.
+    out: [B, Tp, Hq, D] forward output.
+    lse: f32 [B, Hq, Tp] forward log-sum-exp.
+    dout: [B, Tp, Hq, D] output cotangent.
+    dlse: optional f32 [B, Hq, Tp] cotangent of the log-sum-exp.
+    config: as `forward`.
+    interpret: as `forward`.
+
+  Returns:
+    dq [B, Tp, Hq, D], dk and dv [B, Sp, Hkv, D], and d bias_k in bias_k's
+    shape and dtype (None without a bias).
+  """
+  cfg = config or config_lib.MosaicTpuConfig.get_default()
+  tile = _compute_tile(cfg, layout.block_kv, q.shape[-1])
+  num_tiles = _num_tiles(layout)
+  layout_t = layout.transpose()
+  split = _plan_split(
+      q.shape[0], k.shape[2], [layout.kv_idx.shape, layout_t.q_idx.shape],
+      num_blocks=[layout.num_kv_blocks, layout.num_q_blocks],
+      num_tiles=num_tiles, budget=cfg.smem_budget_bytes, what="backward")
+
+  def run(q, k, v, bias, q_seg, kv_seg, out, lse, dout, dlse, idx, cnt, kind,
+          tile_idx, idx_t, cnt_t, kind_t, tile_idx_t):
+    lists = _step_lists(idx, cnt, kind, tile_idx,
+                        num_blocks=layout.num_kv_blocks, num_tiles=num_tiles)
+    lists_t = _step_lists(idx_t, cnt_t, kind_t, tile_idx_t,
+                          num_blocks=layout.num_q_blocks, num_tiles=num_tiles)
+    shape = (idx.shape[0], idx.shape[1], layout.block_q, layout.block_kv,
+             layout.num_kv_blocks)
+    return _backward_slice(q, k, v, bias, q_seg, kv_seg, lists, lists_t,
+                           layout.tiles, spec, tile, cfg, interpret, shape,
+                           out, lse, dout, dlse)
+
+  args = [(q, 0, 2), (k, 0, 2), (v, 0, 2), (bias_k, 0, 1), (q_seg, 0, None),
+          (kv_seg, 0, None), (out, 0, 2), (lse, 0, 1), (dout, 0, 2),
+          (dlse, 0, 1),
+          *_layout_args(layout), (layout_t.q_idx, 0, 1),
+          (layout_t.q_cnt, 0, 1), (layout_t.q_kind, 0, 1),
+          (layout_t.tile_idx, 0, 1)]
+  dq, dk, dv, dbias = _map_slices(run, split, args,
+                                  [(0, 2), (0, 2), (0, 2), (0, 1)])
+  if bias_k is not None:
+    dbias = _reduce_bias_grad(dbias, bias_k, q.shape[2] // k.shape[2])
+  return dq, dk, dv, dbias
+
+
+def _reduce_bias_grad(dbias, bias_k, group: int):
+  """Per-(batch, q head) [B, Hq, Sp] -> bias_k's [B|1, Hq|Hkv|1, Sp]."""
+  bb, hb, _ = bias_k.shape
+  _, hq, sp = dbias.shape
+  if bb == 1:
+    dbias = dbias.sum(0, keepdims=True)
+  if hb == 1:
+    dbias = dbias.sum(1, keepdims=True)
+  elif hb != hq:
+    dbias = dbias.reshape(dbias.shape[0], hq // group, group, sp).sum(2)
+  return dbias.astype(bias_k.dtype)

@@ -1,0 +1,272 @@
+"""The "mosaic_tpu" backend on CPU: interpret mode, TPU semantics, lowering.
+
+Interpret mode compiles each kernel for the CPU (seconds per case), so the
+inherited parameterizations are narrowed to a subset that still covers values
+and gradients, f32/bf16, GQA, per-batch/per-head layouts, bias, segments,
+tiles, causal, empty rows and ragged sizes.
+"""
+
+import functools
+import math
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import chex
+import hypothesis
+from hypothesis import strategies as st
+import jax
+from jax._src.pallas.mosaic.interpret import interpret_pallas_call
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import BlockLayout
+from pallas_kernels import block_sparse_attention
+from pallas_kernels.block_sparse_attention import config as config_lib
+from pallas_kernels.block_sparse_attention import pallas_mosaic_tpu
+from pallas_kernels.block_sparse_attention import tile_math
+from pallas_kernels.block_sparse_attention import xla
+from tests import tolerances
+from tests.pallas_kernels.block_sparse_attention import test_base
+
+def _base_test(name):
+  """The undecorated test `name` of the base class."""
+  base = test_base.BlockSparseAttentionTestBase
+  return getattr(base, name + "0").__wrapped__
+
+
+def _narrowed(cls):
+  """Drops inherited cases of the base tests that `cls` re-parameterizes.
+
+  The narrowed parameter lists generate name0, name1, ...; inherited cases
+  past their length would otherwise still run.
+  """
+  for attr in dir(test_base.BlockSparseAttentionTestBase):
+    stem = attr.rstrip("0123456789")
+    if stem != attr and stem + "0" in vars(cls) and attr not in vars(cls):
+      setattr(cls, attr, None)
+  return cls
+
+
+@_narrowed
+class MosaicTpuInterpretTest(test_base.BlockSparseAttentionTestBase):
+  IMPLEMENTATION = "mosaic_tpu"
+  INTERPRET = True
+
+  @parameterized.parameters(
+      ((2, 200, 328, 4, 2, 16), "q", jnp.float32),
+      ((1, 130, 70, 6, 2, 8), "kv", jnp.bfloat16),
+  )
+  def test_random_layout(self, shape, heads, dtype):
+    _base_test("test_random_layout")(self, shape, heads, dtype)
+
+  @parameterized.parameters((True, (32, 64)))
+  def test_block_sizes_and_causal(self, causal, block):
+    _base_test("test_block_sizes_and_causal")(self, causal, block)
+
+  @parameterized.parameters((-40,))
+  def test_causal_offset(self, offset):
+    _base_test("test_causal_offset")(self, offset)
+
+  @parameterized.parameters(((1, 2), jnp.float32))
+  def test_bias_k(self, bias_shape, dtype):
+    _base_test("test_bias_k")(self, bias_shape, dtype)
+
+  @parameterized.parameters((True,))
+  def test_full_density_equals_dot_product_attention(self, causal):
+    _base_test("test_full_density_equals_dot_product_attention")(self, causal)
+
+  @hypothesis.settings(max_examples=2, deadline=None, derandomize=True)
+  @hypothesis.given(
+      t=st.integers(1, 130), s=st.integers(1, 130),
+      block_q=st.sampled_from([16, 32]), block_kv=st.sampled_from([16, 32]),
+      group=st.sampled_from([1, 2]), causal=st.booleans(),
+      seed=st.integers(0, 1000))
+  def test_hypothesis_shapes(self, **kwargs):
+    base = test_base.BlockSparseAttentionTestBase
+    base.test_hypothesis_shapes.hypothesis.inner_test(self, **kwargs)
+
+
+def _padded_problem(b, t, s, hq, hkv, d, *, bias_shape=None, causal=False):
+  """Block-padded inputs and a MaskSpec, as the op hands them to backends."""
+  q, k, v = test_base.random_qkv(0, b, t, s, hq, hkv, d)
+  bias = None
+  if bias_shape is not None:
+    bias = jax.random.normal(jax.random.key(1), (*bias_shape, s))
+  spec = tile_math.MaskSpec(
+      q_len=t, kv_len=s, kv_len_padded=s, band=(None, 0) if causal else None,
+      has_segments=False, has_tiles=False, sm_scale=1 / math.sqrt(d),
+      softcap=None)
+  return q, k, v, bias, spec
+
+
+class SmemBudgetTest(parameterized.TestCase):
+  """Layouts over the SMEM budget run as batch / kv-head slices."""
+
+  def test_split_matches_xla_backend(self):
+    b, t, hq, hkv, d = 2, 64, 4, 2, 8
+    layout = test_base.random_layout(3, b, hkv, t, t, 16, 16, density=0.7)
+    q, k, v, bias, spec = _padded_problem(b, t, t, hq, hkv, d,
+                                          bias_shape=(b, hq), causal=True)
+    # Only one (batch, kv head) slice of the lists fits: a 2 x 2 split.
+    budget = 40
+    lists = lambda b, h: pallas_mosaic_tpu.prefetch_bytes(
+        (b, h, *layout.kv_idx.shape[2:]), num_blocks=layout.num_kv_blocks,
+        num_tiles=None)
+    self.assertGreater(min(lists(1, 2), lists(2, 1)), budget)
+    self.assertLessEqual(lists(1, 1), budget)
+    cfg = config_lib.MosaicTpuConfig(smem_budget_bytes=budget)
+    dout = jax.random.normal(jax.random.key(2), q.shape)
+    dlse = jax.random.normal(jax.random.key(3), (b, hq, t))
+
+    @jax.jit
+    def forward_backward(q, k, v, bias, dout, dlse):
+      args = (q, k, v, bias, None, None, layout, spec)
+      out, lse = pallas_mosaic_tpu.forward(*args, config=cfg, interpret=True)
+      grads = pallas_mosaic_tpu.backward(*args, out, lse, dout, dlse,
+                                         config=cfg, interpret=True)
+      want_out, want_lse = xla.forward(*args)
+      want = xla.backward(*args, want_out, want_lse, dout, dlse)
+      return (out, lse, grads), (want_out, want_lse, want)
+
+    got, want = forward_backward(q, k, v, bias, dout, dlse)
+    chex.assert_trees_all_close(got, want,
+                                atol=tolerances.grad_atol(q.dtype))
+
+  def test_slice_over_budget_raises(self):
+    layout = BlockLayout.causal(64, block_q=16, block_kv=16)
+    q, k, v, _, spec = _padded_problem(1, 64, 64, 2, 1, 8)
+    cfg = config_lib.MosaicTpuConfig(smem_budget_bytes=8)
+    with self.assertRaisesRegex(ValueError, "smem_budget_bytes"):
+      pallas_mosaic_tpu.forward(q, k, v, None, None, None, layout, spec,
+                                config=cfg, interpret=True)
+
+
+class TpuInterpretModeTest(parameterized.TestCase):
+  """TPU semantics (DMA, races, OOB reads, NaN-filled memory) on tiny cases."""
+
+  def test_no_races_oob_or_nan(self):
+    b, t, s, hq, hkv, d = 1, 48, 40, 2, 1, 8
+    q, k, v = test_base.random_qkv(0, b, t, s, hq, hkv, d)
+    bias = jax.random.normal(jax.random.key(1), (1, hq, s))
+    seg = np.array([[0] * 20 + [1] * 28], np.int32)
+    kv_seg = np.array([[0] * 24 + [1] * 16], np.int32)
+    layout = test_base.random_layout(2, 1, hkv, t, s, 16, 16, density=0.8,
+                                     empty_rows=True)
+    cot = jax.random.normal(jax.random.key(3), q.shape)
+
+    def run(implementation, q, k, v, bias):
+      fn = lambda *xs: block_sparse_attention(
+          *xs[:3], layout, bias_k=xs[3], q_segment_ids=seg,
+          kv_segment_ids=kv_seg, causal=True, return_lse=True,
+          implementation=implementation, interpret=True)
+      (out, lse), vjp = jax.vjp(fn, q, k, v, bias)
+      return out, lse, vjp((cot, jnp.zeros_like(lse)))
+
+    params = pltpu.InterpretParams(detect_races=True,
+                                   out_of_bounds_reads="raise",
+                                   uninitialized_memory="nan")
+    with pltpu.force_tpu_interpret_mode(params):
+      got = jax.jit(functools.partial(run, "mosaic_tpu"))(q, k, v, bias)
+    self.assertFalse(interpret_pallas_call.races.races_found)
+    want = jax.jit(functools.partial(run, "reference"))(q, k, v, bias)
+    out, lse, grads = got
+    chex.assert_tree_all_finite((out, grads))
+    np.testing.assert_array_equal(np.isinf(lse), np.isinf(want[1]))
+    self.assertTrue(np.isneginf(np.asarray(lse)[..., :16]).all())
+    chex.assert_trees_all_close(out, want[0], atol=tolerances.atol(q.dtype))
+    chex.assert_trees_all_close(grads, want[2],
+                                atol=tolerances.grad_atol(q.dtype))
+
+
+class SplashAgreementTest(parameterized.TestCase):
+  """Same masks as jax's splash attention (interpret mode), values + VJP."""
+
+  @parameterized.parameters("causal", "local")
+  def test_matches_splash(self, kind):
+    h, t, d, block = 2, 256, 32, 128
+    q, k, v = test_base.random_qkv(5, 1, t, t, h, h, d)
+    if kind == "causal":
+      layout = BlockLayout.causal(t, block_q=block, block_kv=block)
+      masks = [splash.CausalMask((t, t)) for _ in range(h)]
+    else:
+      layout = BlockLayout.local(t, window=(100, 0), block_q=block,
+                                 block_kv=block)
+      masks = [splash.LocalMask((t, t), (100, 0), 0) for _ in range(h)]
+    sizes = splash.BlockSizes(
+        block_q=block, block_kv=block, block_kv_compute=block,
+        block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+        block_q_dq=block, block_kv_dq=block)
+    kernel = splash.make_splash_mha_single_device(
+        splash.MultiHeadMask(masks), block_sizes=sizes, interpret=True)
+
+    def ours(q, k, v):
+      return block_sparse_attention(q, k, v, layout,
+                                    implementation="mosaic_tpu",
+                                    interpret=True)
+
+    def theirs(q, k, v):
+      # Splash takes [H, T, D] and does not scale q.
+      q, k, v = (x[0].transpose(1, 0, 2) for x in (q, k, v))
+      out = kernel(q / math.sqrt(d), k, v)
+      return out.transpose(1, 0, 2)[None]
+
+    cot = jax.random.normal(jax.random.key(6), q.shape)
+
+    @jax.jit
+    def values_and_grads(q, k, v):
+      results = []
+      for fn in (ours, theirs):
+        out, vjp = jax.vjp(fn, q, k, v)
+        results.append((out, vjp(cot)))
+      return results
+
+    got, want = values_and_grads(q, k, v)
+    chex.assert_trees_all_close(got, want, atol=5e-5, rtol=1e-5)
+
+
+class LoweringTest(parameterized.TestCase):
+  """Mosaic lowering for TPU (jax.export from this CPU host)."""
+
+  @parameterized.parameters(
+      (jnp.float32, 64, 128),
+      (jnp.bfloat16, 128, 256),
+  )
+  def test_exports_for_tpu(self, dtype, head_dim, compute):
+    b, t, hq, hkv, block = 1, 2048, 4, 2, 512
+    layout = BlockLayout.causal(t, block_q=block, block_kv=block)
+    tiles = np.tril(np.ones((block, block), bool))[None]
+    tile_idx = np.where(np.asarray(layout.kv_kind) == 1, 0, -1)
+    tiled = BlockLayout(layout.kv_idx, layout.kv_cnt, layout.kv_kind,
+                        tile_idx.astype(np.int32), tiles, block, block,
+                        layout.num_kv_blocks)
+    spec = tile_math.MaskSpec(
+        q_len=t, kv_len=t, kv_len_padded=t, band=(None, 0), has_segments=True,
+        has_tiles=True, sm_scale=head_dim ** -0.5, softcap=None)
+    cfg = config_lib.MosaicTpuConfig(block_kv_compute=compute)
+    x = jax.ShapeDtypeStruct((b, t, hq, head_dim), dtype)
+    kv = jax.ShapeDtypeStruct((b, t, hkv, head_dim), dtype)
+    bias = jax.ShapeDtypeStruct((1, hq, t), jnp.float32)
+    seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
+    fwd = functools.partial(pallas_mosaic_tpu.forward, layout=tiled,
+                            spec=spec, config=cfg)
+
+    def forward(q, k, v, bias, seg):
+      return fwd(q, k, v, bias, seg, seg)
+
+    def forward_backward(q, k, v, bias, seg):
+      out, lse = forward(q, k, v, bias, seg)
+      return pallas_mosaic_tpu.backward(q, k, v, bias, seg, seg, tiled, spec,
+                                        out, lse, out, config=cfg)
+
+    # interpret=None: lowering for TPU picks the Mosaic kernels.
+    for fn, kernels in ((forward, 1), (forward_backward, 3)):
+      exported = jax.export.export(jax.jit(fn), platforms=["tpu"])(
+          x, kv, kv, bias, seg)
+      self.assertEqual(exported.mlir_module().count("tpu_custom_call"),
+                       kernels)
+
+
+if __name__ == "__main__":
+  absltest.main()
