@@ -21,7 +21,7 @@ Implementation = Literal["reference", "xla", "triton", "mosaic_tpu"]
 # Backends with a custom VJP. Each module defines `NAME`,
 # `unavailable_reason(platform, interpret) -> str | None`,
 # `forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec) -> (out, lse)` and
-# `backward(..., out, lse, dout) -> (dq, dk, dv, dbias_k)` on block-padded
+# `backward(..., out, lse, dout, dlse) -> (dq, dk, dv, dbias_k)` on padded
 # inputs. Pallas backends are imported on first use.
 BACKENDS: dict[str, str] = {
     "xla": "pallas_kernels.block_sparse_attention.xla",
@@ -157,9 +157,11 @@ def _attention_fwd(impl, spec, q, k, v, bias_k, q_seg, kv_seg, layout):
 
 def _attention_bwd(impl, spec, residuals, cotangents):
   q, k, v, bias_k, q_seg, kv_seg, layout, out, lse = residuals
-  dout, _ = cotangents  # lse is a statistic: its cotangent is ignored.
+  # d(lse_i)/d(s_ij) = p_ij, so the lse cotangent enters the backward as
+  # dS = P * (dP - (delta - dlse)): branches merged by LSE train correctly.
+  dout, dlse = cotangents
   dq, dk, dv, dbias = backend(impl).backward(
-      q, k, v, bias_k, q_seg, kv_seg, layout, spec, out, lse, dout)
+      q, k, v, bias_k, q_seg, kv_seg, layout, spec, out, lse, dout, dlse)
   return dq, dk, dv, dbias, None, None, None
 
 

@@ -378,11 +378,11 @@ def forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, *, config=None):
 
 
 @_common.numpy_broadcasting
-def backward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, out, lse, dout, *,
-             config=None):
+def backward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, out, lse, dout,
+             dlse, *, config=None):
   """Gradients (dq, dk, dv, dbias_k or None) of `forward`."""
   # The VJP module builds on this one's helpers, hence the late import.
   # pylint: disable-next=g-import-not-at-top
   from pallas_kernels.block_sparse_attention import pallas_triton_vjp
   return pallas_triton_vjp.backward(q, k, v, bias_k, q_seg, kv_seg, layout,
-                                    spec, out, lse, dout, config=config)
+                                    spec, out, lse, dout, dlse, config=config)

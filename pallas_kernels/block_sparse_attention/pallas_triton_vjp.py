@@ -224,8 +224,8 @@ def _reduce_dbias(dbias, bias_k):
   return dbias.astype(bias_k.dtype)
 
 
-def backward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, out, lse, dout, *,
-             config=None):
+def backward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, out, lse, dout,
+             dlse, *, config=None):
   """Gradients of `pallas_triton.forward` on block-padded inputs.
 
   Args:
@@ -233,6 +233,7 @@ def backward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, out, lse, dout, *,
     out: [B, T, N, D] forward output.
     lse: f32 [B, N, T] forward log-sum-exp.
     dout: [B, T, N, D] output cotangent.
+    dlse: f32 [B, N, T] log-sum-exp cotangent.
     config: optional TritonConfig (default as in `pallas_triton.forward`).
 
   Returns:
@@ -241,7 +242,7 @@ def backward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, out, lse, dout, *,
   """
   cfg = config or pallas_triton.kernel_config(q)
   delta = jnp.einsum("btnd,btnd->bnt", out.astype(jnp.float32),
-                     dout.astype(jnp.float32))
+                     dout.astype(jnp.float32)) - dlse.astype(jnp.float32)
   q, k, v, d = pallas_triton.prepare(q, k, v, layout)
   do = pallas_triton.pad_head_dim(dout, q.shape[-1])
   geo = pallas_triton.geometry(q, k, layout, bias_k)

@@ -178,15 +178,20 @@ def forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec):
 
 
 @_common.numpy_broadcasting
-def backward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, out, lse, dout):
-  """Gradients (dq, dk, dv, dbias_k) of the forward pass."""
+def backward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, out, lse, dout,
+             dlse):
+  """Gradients (dq, dk, dv, dbias_k) of the forward pass.
+
+  `dlse` f32 [B, Hq, T] is the cotangent of the returned log-sum-exp.
+  """
   geo = _geometry(q, k, layout)
   g = _gather(q, k, v, bias_k, q_seg, kv_seg, layout, spec, geo)
   dot, s = _logits(g, spec)
   probs = tile_math.probabilities(s, _row_stat_blocks(lse, geo))
   do = _to_blocks(dout, geo)
   delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), -1)
-  delta = _row_stat_blocks(delta.transpose(0, 2, 1), geo)
+  delta = delta.transpose(0, 2, 1) - dlse.astype(jnp.float32)
+  delta = _row_stat_blocks(delta, geo)
 
   dv_blocks = jnp.einsum("blgqijk,blgqid->blqjkd", probs.astype(do.dtype),
                          do, preferred_element_type=jnp.float32)
