@@ -47,7 +47,7 @@ class BladeConfig:
     global_branch: attend to the pooled keys too (off: the sparse branch
       alone, e.g. to check that 100% density is dense attention).
     merge: "single" (one op call over [K ; K_pooled]) or "lse" (two calls
-      merged by log-sum-exp; gradients need the op's lse cotangent).
+      merged by log-sum-exp; same values and gradients).
     seed: PRNG seed of the sampling offsets when `plan` gets no key.
   """
 
