@@ -145,6 +145,8 @@ class BlockLayout:
     num_kv_blocks: Kb, the number of kv blocks of the kv axis (static).
     band: optional static (min_delta, max_delta) predicate on
       delta = kv_pos - q_pos applied inside partial blocks (causal: (None, 0)).
+    kv_major: optional precomputed `transpose()` (see `with_kv_major`); the
+      op attaches it to host layouts so the dK/dV pass gets exact lists.
   """
 
   kv_idx: Any
@@ -156,18 +158,20 @@ class BlockLayout:
   block_kv: int = 128
   num_kv_blocks: int = 0
   band: Band | None = None
+  kv_major: KvMajorLayout | None = None
 
   # -- pytree ---------------------------------------------------------------
 
   def tree_flatten(self):
     children = (self.kv_idx, self.kv_cnt, self.kv_kind, self.tile_idx,
-                self.tiles)
+                self.tiles, self.kv_major)
     aux = (self.block_q, self.block_kv, self.num_kv_blocks, self.band)
     return children, aux
 
   @classmethod
   def tree_unflatten(cls, aux, children):
-    return cls(*children, *aux)
+    *lists, kv_major = children
+    return cls(*lists, *aux, kv_major=kv_major)
 
   # -- shape helpers --------------------------------------------------------
 
@@ -466,6 +470,14 @@ class BlockLayout:
         max_q_blocks = self.num_q_blocks
     idx, cnt, kind, tile = _compact(kind_t, max_q_blocks, tile_t)
     return KvMajorLayout(idx, cnt, kind, tile)
+
+  def with_kv_major(self, max_q_blocks: int | None = None) -> BlockLayout:
+    """This layout with its kv-major view attached (see `transpose`)."""
+    return dataclasses.replace(self, kv_major=self.transpose(max_q_blocks))
+
+  def kv_major_view(self) -> KvMajorLayout:
+    """The attached kv-major view, or `transpose()` computed now."""
+    return self.kv_major if self.kv_major is not None else self.transpose()
 
   # -- validation -------------------------------------------------------------
 

@@ -83,7 +83,10 @@ def block_sparse_attention(
     implementation: "reference" (dense masked oracle, materialises T x S),
       "xla" (gather-based, any platform), or None for the best available on
       the default backend. An explicit choice that cannot run raises.
-    interpret: run Pallas backends in interpret mode (CPU testing).
+    interpret: True lets the Pallas backends run where no accelerator is
+      present (Pallas interpret mode, for CPU tests; on a GPU/TPU they still
+      compile); a `pltpu.InterpretParams` runs "mosaic_tpu" in TPU interpret
+      mode (races, DMA and memory semantics).
 
   Returns:
     out [B, T, Hq, D] in q's dtype; with `return_lse`, also lse f32
@@ -115,9 +118,29 @@ def block_sparse_attention(
                                    q_segment_ids=q_segment_ids,
                                    kv_segment_ids=kv_segment_ids)
   else:
-    out, lse = _padded_attention(impl, spec, q, k, v, bias_k, q_segment_ids,
-                                 kv_segment_ids, layout)
+    options = _backend_options(impl, interpret)
+    if layout.is_host and layout.kv_major is None:
+      # Exact Qmax for the dK/dV lists while the layout is still on the host.
+      layout = layout.with_kv_major()
+    out, lse = _padded_attention((impl, options), spec, q, k, v, bias_k,
+                                 q_segment_ids, kv_segment_ids, layout)
   return (out, lse) if return_lse else out
+
+
+def _backend_options(impl: str, interpret) -> tuple[tuple[str, object], ...]:
+  """Static keyword options for the backend (hashable).
+
+  `interpret=True` needs no option: Pallas backends already interpret when
+  no accelerator is present. A `pltpu.InterpretParams` selects TPU interpret
+  mode and only applies to "mosaic_tpu".
+  """
+  if isinstance(interpret, bool):
+    return ()
+  if impl != "mosaic_tpu":
+    raise ValueError(
+        f"interpret={interpret!r} only applies to implementation="
+        f"'mosaic_tpu'; use interpret=True for {impl!r}")
+  return (("interpret", interpret),)
 
 
 def _padded_attention(impl, spec, q, k, v, bias_k, q_seg, kv_seg, layout):
@@ -147,7 +170,9 @@ def backend(name: str):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _attention(impl, spec, q, k, v, bias_k, q_seg, kv_seg, layout):
-  return backend(impl).forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec)
+  name, options = impl
+  return backend(name).forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec,
+                               **dict(options))
 
 
 def _attention_fwd(impl, spec, q, k, v, bias_k, q_seg, kv_seg, layout):
@@ -160,8 +185,10 @@ def _attention_bwd(impl, spec, residuals, cotangents):
   # d(lse_i)/d(s_ij) = p_ij, so the lse cotangent enters the backward as
   # dS = P * (dP - (delta - dlse)): branches merged by LSE train correctly.
   dout, dlse = cotangents
-  dq, dk, dv, dbias = backend(impl).backward(
-      q, k, v, bias_k, q_seg, kv_seg, layout, spec, out, lse, dout, dlse)
+  name, options = impl
+  dq, dk, dv, dbias = backend(name).backward(
+      q, k, v, bias_k, q_seg, kv_seg, layout, spec, out, lse, dout, dlse,
+      **dict(options))
   return dq, dk, dv, dbias, None, None, None
 
 

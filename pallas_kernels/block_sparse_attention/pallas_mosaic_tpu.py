@@ -586,9 +586,7 @@ def _backward_slice(q, k, v, bias, q_seg, kv_seg, lists: _Lists,
   # d lse_i / d s_ij = p_ij, so the lse cotangent enters as
   # dS = P * (dP - (delta - dlse)).
   delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), -1)
-  delta = delta.transpose(0, 2, 1)
-  if dlse is not None:
-    delta = delta - dlse.astype(jnp.float32)
+  delta = delta.transpose(0, 2, 1) - dlse.astype(jnp.float32)
   lanes = lambda x: jnp.broadcast_to(x[..., None], (*x.shape, NUM_LANES))
   row_ops = [dout.transpose(0, 2, 1, 3), lanes(lse), lanes(delta)]
   has_bias = bias is not None
@@ -815,7 +813,7 @@ def forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, *, config=None,
 
 @_common.numpy_broadcasting
 def backward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, out, lse, dout,
-             dlse=None, *, config=None, interpret=None):
+             dlse, *, config=None, interpret=None):
   """Gradients of `forward` with respect to q, k, v and bias_k.
 
   Args:
@@ -823,7 +821,7 @@ def backward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, out, lse, dout,
     out: [B, Tp, Hq, D] forward output.
     lse: f32 [B, Hq, Tp] forward log-sum-exp.
     dout: [B, Tp, Hq, D] output cotangent.
-    dlse: optional f32 [B, Hq, Tp] cotangent of the log-sum-exp.
+    dlse: f32 [B, Hq, Tp] cotangent of the log-sum-exp.
     config: as `forward`.
     interpret: as `forward`.
 
@@ -834,7 +832,7 @@ def backward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, out, lse, dout,
   cfg = config or config_lib.MosaicTpuConfig.get_default()
   tile = _compute_tile(cfg, layout.block_kv, q.shape[-1])
   num_tiles = _num_tiles(layout)
-  layout_t = layout.transpose()
+  layout_t = layout.kv_major_view()
   split = _plan_split(
       q.shape[0], k.shape[2], [layout.kv_idx.shape, layout_t.q_idx.shape],
       num_blocks=[layout.num_kv_blocks, layout.num_q_blocks],

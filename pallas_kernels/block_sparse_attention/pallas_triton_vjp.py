@@ -163,7 +163,7 @@ def _dkv(q, k, v, bias_k, q_seg, kv_seg, layout, spec, geo, do, lse, delta,
   b, t, hq, d = q.shape
   s_len, hkv = k.shape[1], k.shape[2]
   g = geo.group
-  lt = layout.transpose()
+  lt = layout.kv_major_view()
   qmax = lt.q_idx.shape[-1]
   lists_per_group = geo.kv_head_block(geo.layout_heads)
 

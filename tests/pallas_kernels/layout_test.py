@@ -163,6 +163,15 @@ class BlockLayoutTest(parameterized.TestCase):
         kv_major.q_idx, kv_major.q_cnt, kv_major.tile_idx, 2, -1)
     np.testing.assert_array_equal(got, tile_t)
 
+  def test_with_kv_major_is_exact_and_survives_jit(self):
+    lay = BlockLayout.local(256, window=(40, 0), block_q=32, block_kv=32)
+    attached = lay.with_kv_major()
+    self.assertEqual(attached.kv_major.q_idx.shape[-1], 3)  # not Qb = 8
+    passed = jax.jit(lambda l: l)(attached)
+    np.testing.assert_array_equal(passed.kv_major_view().q_idx,
+                                  attached.kv_major.q_idx)
+    self.assertEqual(lay.kv_major_view().q_idx.shape[-1], 3)
+
   @hypothesis.settings(max_examples=10, deadline=None, derandomize=True)
   @hypothesis.given(qb=st.integers(1, 6), kb=st.integers(1, 6),
                     density=st.floats(0, 1), seed=st.integers(0, 99))

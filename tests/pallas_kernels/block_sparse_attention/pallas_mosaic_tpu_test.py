@@ -258,7 +258,7 @@ class LoweringTest(parameterized.TestCase):
     def forward_backward(q, k, v, bias, seg):
       out, lse = forward(q, k, v, bias, seg)
       return pallas_mosaic_tpu.backward(q, k, v, bias, seg, seg, tiled, spec,
-                                        out, lse, out, config=cfg)
+                                        out, lse, out, lse, config=cfg)
 
     # interpret=None: lowering for TPU picks the Mosaic kernels.
     for fn, kernels in ((forward, 1), (forward_backward, 3)):
