@@ -1,6 +1,7 @@
 r"""DMA vs sliding window vs dense: Shakespeare perplexity and MQAR recall.
 
-DMA: "Trainable Dynamic Mask Sparse Attention", https://arxiv.org/abs/2508.02124.
+DMA ("Trainable Dynamic Mask Sparse Attention"):
+https://arxiv.org/abs/2508.02124.
 
 Trains (or, when a run's work dir already holds its last step, just
 evaluates) the six presets of train/configs/dma_lm.py, `text_*` and `mqar_*`

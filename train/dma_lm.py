@@ -1,6 +1,7 @@
 r"""Trains a small decoder-only LM with DMA, sliding-window or dense attention.
 
-DMA: "Trainable Dynamic Mask Sparse Attention", https://arxiv.org/abs/2508.02124.
+DMA ("Trainable Dynamic Mask Sparse Attention"):
+https://arxiv.org/abs/2508.02124.
 
   python train/dma_lm.py                      # Shakespeare bytes, DMA, CPU
   python train/dma_lm.py --config=train/configs/dma_lm.py:text_window
