@@ -1,4 +1,4 @@
-r"""Trains a pixel-space DiT with LLSA (or any jsparse method) by rectified flow.
+r"""Trains a pixel-space DiT with LLSA (or any jsparse method): rectified flow.
 
   python train/llsa_dit.py          # digits 32x32 with LLSA-l1 on a CPU
   python train/llsa_dit.py --config.attn.method=dense   # the dense baseline
