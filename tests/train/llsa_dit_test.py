@@ -31,9 +31,16 @@ TINY = [
 ]
 
 
+_ENV = dict(os.environ, JAX_PLATFORMS="cpu",
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+_ENV.pop("XLA_FLAGS", None)
+
+
 def _launch(workdir, *extra, num_steps=STEPS):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  """Starts a run; runs share a JAX compile cache (same programs)."""
+  env = dict(_ENV, JAX_COMPILATION_CACHE_DIR=str(
+      pathlib.Path(workdir).parent / "jax_cache"))
   args = [sys.executable, str(ROOT / "train" / "llsa_dit.py"),
           f"--workdir={workdir}", f"--config.num_steps={num_steps}", *TINY,
           *extra]
