@@ -37,6 +37,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from jsparse.models import dit
+from train.lib import checkpoint
 from train.lib import data
 from train.lib import flow
 from train.lib import parallel
@@ -110,27 +111,21 @@ def create_train_state(config, mesh) -> TrainState:
   return nnx.merge(graphdef, state)
 
 
-def checkpoint_items(state: TrainState) -> dict[str, nnx.State]:
-  return {"model": nnx.state(state.model), "ema": nnx.state(state.ema),
-          "optimizer": nnx.state(state.optimizer)}
+CHECKPOINT_ITEMS = ("model", "ema", "optimizer")
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, step: int,
                     state: TrainState) -> None:
-  manager.save(step, args=ocp.args.Composite(**{
-      name: ocp.args.StandardSave(item)
-      for name, item in checkpoint_items(state).items()}))
+  checkpoint.save(manager, step,
+                  {name: getattr(state, name) for name in CHECKPOINT_ITEMS})
 
 
 def restore_checkpoint(manager: ocp.CheckpointManager, step: int,
-                       state: TrainState, names=("model", "ema",
-                                                 "optimizer")) -> None:
+                       state: TrainState,
+                       names=CHECKPOINT_ITEMS) -> None:
   """Restores items `names` of checkpoint `step` into `state` in place."""
-  items = checkpoint_items(state)
-  restored = manager.restore(step, args=ocp.args.Composite(**{
-      name: ocp.args.StandardRestore(items[name]) for name in names}))
-  for name in names:
-    nnx.update(getattr(state, name), restored[name])
+  checkpoint.restore(manager, step,
+                     {name: getattr(state, name) for name in names})
 
 
 def make_train_step(config):
@@ -203,10 +198,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   train_step = make_train_step(config)
 
   # ---------------------------------------------------------- checkpoints --
-  manager = ocp.CheckpointManager(
-      os.path.join(workdir, "checkpoints"),
-      options=ocp.CheckpointManagerOptions(
-          max_to_keep=config.keep_checkpoints, create=True))
+  manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
 
   # -------------------------------------------------------------- resume --
   start = manager.latest_step()
