@@ -17,6 +17,7 @@ from jsparse.methods import psa
 from jsparse.methods import radial
 from jsparse.methods import sea
 from jsparse.methods import setrec
+from jsparse.methods import sparsifiner
 from jsparse.methods import swinbert
 
 METHODS: dict[str, type[SparseMethod]] = {
@@ -32,4 +33,5 @@ METHODS: dict[str, type[SparseMethod]] = {
     "sea": sea.SEAMethod,
     "psa": psa.PSAMethod,
     "blade": blade.BladeMethod,
+    "sparsifiner": sparsifiner.SparsifinerMethod,
 }

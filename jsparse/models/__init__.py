@@ -9,3 +9,5 @@ from jsparse.models.llama import Llama as Llama
 from jsparse.models.llama import LlamaConfig as LlamaConfig
 from jsparse.models.lm import LM as LM
 from jsparse.models.lm import LMConfig as LMConfig
+from jsparse.models.vit import ViT as ViT
+from jsparse.models.vit import ViTConfig as ViTConfig
