@@ -167,6 +167,7 @@ class ValueNormTopW(base.SparseMethod):
       mask = selection.prefix_topk_mask(score, window)
     else:
       mask = selection.topk_block_mask(score[:, :, None, :], window)
+      mask = jnp.broadcast_to(mask, mask.shape[:2] + (v.shape[1],) * 2)
     s = v.shape[1]
     return base.SparsePlan(layout=layout_lib.BlockLayout.from_element_mask(
         mask, min(block, s), min(block, s)))
