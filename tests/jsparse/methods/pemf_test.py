@@ -38,6 +38,18 @@ class PEMFMethodTest(mtb.MethodTestBase):
   def logical_bias(self, method, q, k, kwargs):
     return kwargs["point_bias"][:, :, None]
 
+  def test_full_density_is_dense(self):
+    # Every point visible and allowed, no point bias: dense attention.
+    method = self.make_method()
+    q, k, v, kwargs = self.inputs(method)
+    full = {"visible": jnp.ones_like(kwargs["visible"]),
+            "point_bias": jnp.zeros_like(kwargs["point_bias"]),
+            "allowed": jnp.ones_like(kwargs["allowed"])}
+    out = jax.jit(lambda q, k, v: method(q, k, v, implementation="xla",
+                                         **full))(q, k, v)
+    np.testing.assert_allclose(out, jax.nn.dot_product_attention(q, k, v),
+                               atol=1e-4, rtol=1e-4)
+
   def test_psa_equals_dense_garment_attention(self):
     # Gathered keys/values vs frame tokens attending to all garment
     # positions with only the sampled ones kept.

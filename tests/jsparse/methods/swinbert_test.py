@@ -1,5 +1,7 @@
 """SwinBERT: soft learnable mask (both forms), hard layout, W gradients."""
 
+import dataclasses
+
 from absl.testing import absltest
 from absl.testing import parameterized
 from flax import nnx
@@ -46,6 +48,15 @@ class SwinBERTSoftTest(mtb.MethodTestBase):
     return (*mtb.random_qkv(0, 2, n, n, 2, 2, 8),
             {"caption_len": CAPTION_LEN})
 
+  def dense_method(self):
+    # sigmoid(30) == 1 in f32: the learned bias vanishes in both forms.
+    method = swinbert.SwinBERTMethod(_config(self.FORM), rngs=nnx.Rngs(0))
+    method.logits[...] = jnp.full_like(method.logits[...], 30.0)
+    return method
+
+  def dense_mask(self, method, q, k, kwargs):
+    return _structure(method, kwargs["caption_len"])
+
   def logical_mask(self, method, q, k, kwargs):
     return _structure(method, kwargs["caption_len"])
 
@@ -90,6 +101,14 @@ class SwinBERTHardTest(mtb.MethodTestBase):
   def logical_mask(self, method, q, k, kwargs):
     hard = method.element_mask(hard=True)[None, None]
     return _structure(method, kwargs["caption_len"]) & hard
+
+  def dense_method(self):
+    # Threshold 0 keeps every video pair: only the sequence structure stays.
+    config = dataclasses.replace(_config(swinbert.OFFICIAL), threshold=0.0)
+    return swinbert.SwinBERTMethod(config, rngs=nnx.Rngs(1))
+
+  def dense_mask(self, method, q, k, kwargs):
+    return _structure(method, kwargs["caption_len"])
 
 
 class SwinBERTLossTest(parameterized.TestCase):
