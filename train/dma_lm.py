@@ -39,11 +39,9 @@ import orbax.checkpoint as ocp
 
 from jsparse.methods import dma
 from jsparse.models import lm
-from train.lib import checkpoint
+from train.lib import loop as loop_lib
 from train.lib import mqar
 from train.lib import parallel
-from train.lib import preemption
-from train.lib import report
 from train.lib import text_data
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -241,63 +239,28 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                config.seq_len)
   schedule = learning_rate(config)
 
-  # ---------------------------------------------------------- checkpoints --
-  manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
-  items = {"model": state.model, "optimizer": state.optimizer}
-
-  def save(step):
-    checkpoint.save(manager, step, items)
-    manager.wait_until_finished()
-    logging.info("checkpoint %d saved", step)
-
-  # -------------------------------------------------------------- resume --
-  start = manager.latest_step()
-  if start is not None:
-    checkpoint.restore(manager, start, items)
-    logging.info("resumed from step %d", start)
-  else:
-    start = 0
-
-  # ---------------------------------------------------------------- loop --
-  writer = report.MetricWriter(workdir)
-  progress = report.Progress(start, config.num_steps)
-  stop = preemption.StopRequest()
-  step, pending, last = start, [], {}
-
-  def flush():
-    nonlocal pending, last
-    fetched = jax.device_get(pending)
-    last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-    last["train/lr"] = float(schedule(step - 1))
-    last["perf/steps_per_sec"] = progress.update(step, last["train/loss"])
-    writer.write(step, last)
-    pending = []
-
-  while step < config.num_steps:
-    batch = local_slice(data.train_batch(step), mesh)
-    pending.append(train_step(state, *batch))
-    step += 1
-    if step % config.log_every == 0:
-      flush()
+  # ------------------------------------------ checkpoints, resume, loop --
+  def periodic_eval(step):
     if step % config.eval_every == 0 and step < config.num_steps:
-      writer.write(step, evaluate(state.model, eval_set, mesh, config.task))
-    if step % config.checkpoint_every == 0:
-      save(step)
-    if stop.should_stop(step):
-      logging.info("stop requested: saving step %d and exiting", step)
-      break
-  if pending:
-    flush()
-  if manager.latest_step() != step:
-    save(step)
-  progress.close()
-  stop.restore()
+      loop.writer.write(step, evaluate(state.model, eval_set, mesh,
+                                       config.task))
+
+  loop = loop_lib.Loop(
+      workdir, {"model": state.model, "optimizer": state.optimizer},
+      config.num_steps, keep_checkpoints=config.keep_checkpoints,
+      log_every=config.log_every, checkpoint_every=config.checkpoint_every,
+      extra_metrics=lambda step: {"train/lr": float(schedule(step - 1))},
+      after_step=periodic_eval)
+
+  def step_fn(step):
+    return train_step(state, *local_slice(data.train_batch(step), mesh))
+
+  step = loop.run(step_fn)
 
   # ---------------------------------------------------------- evaluate --
   metrics = evaluate(state.model, eval_set, mesh, config.task)
-  writer.write(step, metrics)
-  manager.close()
-  return {**last, **metrics}
+  loop.writer.write(step, metrics)
+  return {**loop.last, **metrics}
 
 
 def _quiet_orbax(record) -> bool:

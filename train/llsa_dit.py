@@ -40,8 +40,8 @@ from jsparse.models import dit
 from train.lib import checkpoint
 from train.lib import data
 from train.lib import flow
+from train.lib import loop as loop_lib
 from train.lib import parallel
-from train.lib import preemption
 from train.lib import report
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -112,12 +112,6 @@ def create_train_state(config, mesh) -> TrainState:
 
 
 CHECKPOINT_ITEMS = ("model", "ema", "optimizer")
-
-
-def save_checkpoint(manager: ocp.CheckpointManager, step: int,
-                    state: TrainState) -> None:
-  checkpoint.save(manager, step,
-                  {name: getattr(state, name) for name in CHECKPOINT_ITEMS})
 
 
 def restore_checkpoint(manager: ocp.CheckpointManager, step: int,
@@ -197,60 +191,28 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                config.attn.method)
   train_step = make_train_step(config)
 
-  # ---------------------------------------------------------- checkpoints --
-  manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
+  # ------------------------------------------ checkpoints, resume, loop --
+  loop = loop_lib.Loop(
+      workdir, {name: getattr(state, name) for name in CHECKPOINT_ITEMS},
+      config.num_steps, keep_checkpoints=config.keep_checkpoints,
+      log_every=config.log_every, checkpoint_every=config.checkpoint_every,
+      extra_metrics=lambda step: {"train/lr": config.optim.learning_rate})
+  if not loop.resumed and config.init_from:
+    source = ocp.CheckpointManager(os.path.dirname(config.init_from))
+    restore_checkpoint(source, int(os.path.basename(config.init_from)),
+                       state, names=("model", "ema"))
+    logging.info("initialised weights from %s", config.init_from)
 
-  # -------------------------------------------------------------- resume --
-  start = manager.latest_step()
-  if start is not None:
-    restore_checkpoint(manager, start, state)
-    logging.info("resumed from step %d", start)
-  else:
-    start = 0
-    if config.init_from:
-      source = ocp.CheckpointManager(os.path.dirname(config.init_from))
-      restore_checkpoint(source, int(os.path.basename(config.init_from)),
-                         state, names=("model", "ema"))
-      logging.info("initialised weights from %s", config.init_from)
+  batches = data.prefetch(dataset, loop.start, config.batch_size, config.seed)
 
-  # ---------------------------------------------------------------- loop --
-  writer = report.MetricWriter(workdir)
-  progress = report.Progress(start, config.num_steps)
-  stop = preemption.StopRequest()
-  step, pending, last = start, [], {}
-
-  def flush():
-    nonlocal pending, last
-    fetched = jax.device_get(pending)
-    last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-    last["train/lr"] = config.optim.learning_rate
-    last["perf/steps_per_sec"] = progress.update(step, last["train/loss"])
-    writer.write(step, last)
-    pending = []
-
-  batches = data.prefetch(dataset, start, config.batch_size, config.seed)
-  while step < config.num_steps:
+  def step_fn(step):
     _, local = next(batches)
-    pending.append(train_step(state, parallel.global_batch(local, mesh),
-                              np.int32(step)))
-    step += 1
-    if step % config.log_every == 0:
-      flush()
-    if step % config.checkpoint_every == 0:
-      save_checkpoint(manager, step, state)
-    if stop.should_stop(step):
-      logging.info("stop requested: saving step %d and exiting", step)
-      break
-  if pending:
-    flush()
-  if manager.latest_step() != step:
-    save_checkpoint(manager, step, state)
-  manager.wait_until_finished()
-  progress.close()
-  stop.restore()
+    return train_step(state, parallel.global_batch(local, mesh),
+                      np.int32(step))
+
+  step = loop.run(step_fn)
   if step < config.num_steps:
-    manager.close()
-    return last
+    return loop.last
 
   # ---------------------------------------------------------- evaluate --
   t0 = time.perf_counter()
@@ -261,8 +223,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
                            upscale=max(1, 128 // config.data.image_size))
     logging.info("wrote %s (%d EMA samples, %.1f s)", path, len(images),
                  time.perf_counter() - t0)
-  manager.close()
-  return last
+  return loop.last
 
 
 def _quiet_orbax(record) -> bool:

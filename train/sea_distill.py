@@ -20,7 +20,6 @@ finished step before exit.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging as std_logging
 import math
@@ -47,9 +46,7 @@ from jsparse.methods import base
 from jsparse.methods import sea
 from jsparse.models import lm
 from pallas_kernels import layout as layout_lib
-from train.lib import checkpoint
-from train.lib import preemption
-from train.lib import report
+from train.lib import loop as loop_lib
 from train.lib import text_data
 
 matplotlib.use("Agg")
@@ -462,32 +459,14 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     config.baseline_steps, config.baseline_steps])
   total = int(ends[-1])
 
-  # ---------------------------------------------------------- checkpoints --
-  manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
-  items = {"state": state}
+  # ------------------------------------------ checkpoints, resume, loop --
+  loop = loop_lib.Loop(workdir, {"state": state}, total,
+                       keep_checkpoints=config.keep_checkpoints,
+                       log_every=config.log_every,
+                       checkpoint_every=config.checkpoint_every,
+                       boundaries=ends)
 
-  # -------------------------------------------------------------- resume --
-  start = manager.latest_step()
-  if start is not None:
-    checkpoint.restore(manager, start, items)
-    logging.info("resumed from step %d", start)
-  start = start or 0
-
-  # ---------------------------------------------------------------- loop --
-  writer = report.MetricWriter(workdir)
-  progress = report.Progress(start, total)
-  stop = preemption.StopRequest()
-  step, pending = start, []
-
-  def flush():
-    nonlocal pending
-    fetched = jax.device_get(pending)
-    last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-    last["perf/steps_per_sec"] = progress.update(step, last["train/loss"])
-    writer.write(step, last)
-    pending = []
-
-  while step < total:
+  def step_fn(step):
     phase = int(np.searchsorted(ends, step, side="right"))
     if step == ends[0]:  # every student starts from the teacher's weights
       params = nnx.state(state.teacher, nnx.Param)
@@ -497,30 +476,16 @@ def train_and_evaluate(config, workdir: str) -> dict:
                                  config.seq_len + 1, config.seed)
     metrics = steps[phase](state, jnp.asarray(x[:, :-1]),
                            jnp.asarray(x[:, 1:]))
-    pending.append({**metrics, "train/phase": phase})
-    step += 1
-    if step % config.log_every == 0 or step in ends:
-      flush()
-    if step % config.checkpoint_every == 0 or step in ends:
-      checkpoint.save(manager, step, items)
-    if stop.should_stop(step):
-      logging.info("stop requested: saving step %d and exiting", step)
-      break
-  if pending:
-    flush()
-  if manager.latest_step() != step:
-    checkpoint.save(manager, step, items)
-  manager.wait_until_finished()
-  manager.close()
-  progress.close()
-  stop.restore()
+    return {**metrics, "train/phase": phase}
+
+  step = loop.run(step_fn)
   if step < total:
     return {}
 
   # ---------------------------------------------------------- evaluate --
   results = evaluate(state, eval_tokens, config)
-  writer.write(step, {f"eval/perplexity_{k}": v
-                      for k, v in results["perplexity"].items()})
+  loop.writer.write(step, {f"eval/perplexity_{k}": v
+                           for k, v in results["perplexity"].items()})
   plot_attention(state, eval_tokens, config,
                  os.path.join(workdir, "attention_map.png"))
   with open(os.path.join(workdir, "results.json"), "w") as f:

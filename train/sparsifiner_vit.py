@@ -41,10 +41,8 @@ import optax
 
 from jsparse.methods import sparsifiner
 from jsparse.models import vit
-from train.lib import checkpoint
 from train.lib import data as data_lib
-from train.lib import preemption
-from train.lib import report
+from train.lib import loop as loop_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs",
@@ -283,61 +281,28 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     config.phase2_steps])
   total = int(ends[-1])
 
-  # ---------------------------------------------------------- checkpoints --
-  manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
-  items = {"state": state}
+  # ------------------------------------------ checkpoints, resume, loop --
+  loop = loop_lib.Loop(workdir, {"state": state}, total,
+                       keep_checkpoints=config.keep_checkpoints,
+                       log_every=config.log_every,
+                       checkpoint_every=config.checkpoint_every,
+                       boundaries=ends)
 
-  # -------------------------------------------------------------- resume --
-  start = manager.latest_step()
-  if start is not None:
-    checkpoint.restore(manager, start, items)
-    logging.info("resumed from step %d", start)
-  start = start or 0
-
-  # ---------------------------------------------------------------- loop --
-  writer = report.MetricWriter(workdir)
-  progress = report.Progress(start, total)
-  stop = preemption.StopRequest()
-  step, pending = start, []
-
-  def flush():
-    nonlocal pending
-    fetched = jax.device_get(pending)
-    last = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-    last["perf/steps_per_sec"] = progress.update(step, last["train/loss"])
-    writer.write(step, last)
-    pending = []
-
-  while step < total:
+  def step_fn(step):
     phase = int(np.searchsorted(ends, step, side="right"))
     if step == ends[0]:  # the student starts from the teacher's weights
       nnx.update(state.student, nnx.state(state.teacher, nnx.Param))
     images, labels = digits.batch(step, config.batch_size, config.seed)
-    metrics = steps[phase](state, images, labels)
-    pending.append({**metrics, "train/phase": phase})
-    step += 1
-    if step % config.log_every == 0 or step in ends:
-      flush()
-    if step % config.checkpoint_every == 0 or step in ends:
-      checkpoint.save(manager, step, items)
-    if stop.should_stop(step):
-      logging.info("stop requested: saving step %d and exiting", step)
-      break
-  if pending:
-    flush()
-  if manager.latest_step() != step:
-    checkpoint.save(manager, step, items)
-  manager.wait_until_finished()
-  manager.close()
-  progress.close()
-  stop.restore()
+    return {**steps[phase](state, images, labels), "train/phase": phase}
+
+  step = loop.run(step_fn)
   if step < total:
     return {}
 
   # ---------------------------------------------------------- evaluate --
   results = evaluate(state, digits, config)
-  writer.write(step, {f"eval/{k}": v for k, v in results.items()
-                      if isinstance(v, float)})
+  loop.writer.write(step, {f"eval/{k}": v for k, v in results.items()
+                           if isinstance(v, float)})
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f, indent=2)
   return results
