@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import logging as std_logging
 import os
 import pathlib
 import sys
@@ -411,15 +410,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return results
 
 
-def _quiet_orbax(record) -> bool:
-  """absl log filter: orbax's INFO chatter off, its warnings kept."""
-  return (record.levelno >= std_logging.WARNING
-          or "orbax" not in record.pathname)
-
-
 def main(argv):
   del argv
-  logging.get_absl_handler().addFilter(_quiet_orbax)
+  logging.get_absl_handler().addFilter(report.quiet_orbax)
   logging.info("jax %s, devices %s", jax.__version__, jax.devices())
   logging.info("config:\n%s", _CONFIG.value)
   print(json.dumps(train_and_evaluate(_CONFIG.value, _WORKDIR.value),

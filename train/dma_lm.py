@@ -15,7 +15,6 @@ checkpoint in --workdir; SIGTERM saves the finished step before exit.
 
 from __future__ import annotations
 
-import logging as std_logging
 import math
 import os
 import pathlib
@@ -42,6 +41,7 @@ from jsparse.models import lm
 from train.lib import loop as loop_lib
 from train.lib import mqar
 from train.lib import parallel
+from train.lib import report
 from train.lib import text_data
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -263,15 +263,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   return {**loop.last, **metrics}
 
 
-def _quiet_orbax(record) -> bool:
-  """absl log filter: orbax's INFO chatter off, its warnings kept."""
-  return (record.levelno >= std_logging.WARNING
-          or "orbax" not in record.pathname)
-
-
 def main(argv):
   del argv
-  logging.get_absl_handler().addFilter(_quiet_orbax)
+  logging.get_absl_handler().addFilter(report.quiet_orbax)
   logging.info("jax %s, flax %s, optax %s, orbax %s, devices %s",
                jax.__version__, flax.__version__, optax.__version__,
                ocp.__version__, jax.devices())

@@ -13,7 +13,6 @@ detected; elsewhere pass --coordinator_address, --num_processes and
 
 from __future__ import annotations
 
-import logging as std_logging
 import os
 import pathlib
 import sys
@@ -226,15 +225,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   return loop.last
 
 
-def _quiet_orbax(record) -> bool:
-  """absl log filter: orbax's INFO chatter off, its warnings kept."""
-  return (record.levelno >= std_logging.WARNING
-          or "orbax" not in record.pathname)
-
-
 def main(argv):
   del argv
-  logging.get_absl_handler().addFilter(_quiet_orbax)
+  logging.get_absl_handler().addFilter(report.quiet_orbax)
   parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value,
                       _PROCESS_ID.value)
   logging.info("jax %s, flax %s, optax %s, orbax %s", jax.__version__,

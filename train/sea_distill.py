@@ -21,7 +21,6 @@ finished step before exit.
 from __future__ import annotations
 
 import json
-import logging as std_logging
 import math
 import os
 import pathlib
@@ -47,6 +46,7 @@ from jsparse.methods import sea
 from jsparse.models import lm
 from pallas_kernels import layout as layout_lib
 from train.lib import loop as loop_lib
+from train.lib import report
 from train.lib import text_data
 
 matplotlib.use("Agg")
@@ -493,15 +493,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return results
 
 
-def _quiet_orbax(record) -> bool:
-  """absl log filter: orbax's INFO chatter off, its warnings kept."""
-  return (record.levelno >= std_logging.WARNING
-          or "orbax" not in record.pathname)
-
-
 def main(argv):
   del argv
-  logging.get_absl_handler().addFilter(_quiet_orbax)
+  logging.get_absl_handler().addFilter(report.quiet_orbax)
   logging.info("jax %s, devices %s", jax.__version__, jax.devices())
   logging.info("config:\n%s", _CONFIG.value)
   print(json.dumps(train_and_evaluate(_CONFIG.value, _WORKDIR.value),

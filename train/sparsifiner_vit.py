@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging as std_logging
 import os
 import pathlib
 import sys
@@ -43,6 +42,7 @@ from jsparse.methods import sparsifiner
 from jsparse.models import vit
 from train.lib import data as data_lib
 from train.lib import loop as loop_lib
+from train.lib import report
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs",
@@ -308,15 +308,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   return results
 
 
-def _quiet_orbax(record) -> bool:
-  """absl log filter: orbax's INFO chatter off, its warnings kept."""
-  return (record.levelno >= std_logging.WARNING
-          or "orbax" not in record.pathname)
-
-
 def main(argv):
   del argv
-  logging.get_absl_handler().addFilter(_quiet_orbax)
+  logging.get_absl_handler().addFilter(report.quiet_orbax)
   logging.info("jax %s, devices %s", jax.__version__, jax.devices())
   logging.info("config:\n%s", _CONFIG.value)
   results = train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -82,3 +83,8 @@ def save_image_grid(images: np.ndarray, path: str, columns: int = 8,
     img = img.resize((img.width * upscale, img.height * upscale),
                      Image.NEAREST)
   img.save(path)
+
+
+def quiet_orbax(record: logging.LogRecord) -> bool:
+  """Log filter: orbax's INFO chatter off, its warnings kept."""
+  return record.levelno >= logging.WARNING or "orbax" not in record.pathname
