@@ -90,26 +90,23 @@ class _Geometry:
   def kv_head(self, h):
     return h if self.group == 1 else lax.div(h, self.group)
 
+  def _entry(self, b, h, batch, heads):
+    """(batch, head) of a [1|B, 1|Hkv|Hq, ...] operand for q head h."""
+    if heads == 1:
+      head = 0
+    elif heads == self.num_q_heads:
+      head = h
+    else:
+      head = self.kv_head(h)
+    return (b if batch > 1 else 0), head
+
   def layout_entry(self, b, h):
     """(layout batch, layout head) read by q head h of batch b."""
-    lb = b if self.layout_batch > 1 else 0
-    if self.layout_heads == 1:
-      lh = 0
-    elif self.layout_heads == self.num_q_heads:
-      lh = h
-    else:
-      lh = self.kv_head(h)
-    return lb, lh
+    return self._entry(b, h, self.layout_batch, self.layout_heads)
 
   def bias_entry(self, b, h):
-    bb = b if self.bias_batch > 1 else 0
-    if self.bias_heads == 1:
-      bh = 0
-    elif self.bias_heads == self.num_q_heads:
-      bh = h
-    else:
-      bh = self.kv_head(h)
-    return bb, bh
+    """(bias batch, bias head) read by q head h of batch b."""
+    return self._entry(b, h, self.bias_batch, self.bias_heads)
 
 
 def _compute_tile(cfg: config_lib.MosaicTpuConfig, block_kv: int,

@@ -39,6 +39,17 @@ def masked_attention(q, k, v, mask, bias=None, sm_scale=None):
   return jnp.einsum("bhts,bshd->bthd", p, v)
 
 
+def assert_values_and_grads_close(run, ref, q, k, v):
+  """run(q, k, v) == ref(q, k, v), and their VJPs for a random cotangent."""
+  atol = tolerances.atol(jnp.float32) * 5
+  np.testing.assert_allclose(run(q, k, v), ref(q, k, v), atol=atol)
+  cot = jax.random.normal(jax.random.key(3), q.shape)
+  grads = [jax.jit(jax.grad(lambda *a, f=f: jnp.vdot(f(*a), cot),
+                            (0, 1, 2)))(q, k, v) for f in (run, ref)]
+  for a, b in zip(*grads):
+    np.testing.assert_allclose(a, b, atol=4 * atol)
+
+
 class MethodTestBase(parameterized.TestCase):
   """Plan well-formed, op == dense reference, 100% density == dense."""
 
