@@ -162,11 +162,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   Returns:
     The last logged metrics.
   """
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  workdir = report.prepare_workdir(workdir, config)
 
   # ---------------------------------------------------------------- mesh --
   mesh = parallel.make_mesh(config.mesh.fsdp)

@@ -439,10 +439,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   Returns:
     The evaluation results (empty if stopped early).
   """
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  workdir = report.prepare_workdir(workdir, config)
 
   # ---------------------------------------------------------------- data --
   data_dir = config.data.data_dir or text_data.default_data_dir()
@@ -488,8 +485,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                            for k, v in results["perplexity"].items()})
   plot_attention(state, eval_tokens, config,
                  os.path.join(workdir, "attention_map.png"))
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  report.write_results(workdir, results)
   return results
 
 

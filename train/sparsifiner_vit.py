@@ -266,10 +266,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   Returns:
     The evaluation results (empty if stopped early).
   """
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
+  workdir = report.prepare_workdir(workdir, config)
 
   # ---------------------------------------------------------------- data --
   digits = Digits(config)
@@ -303,8 +300,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   results = evaluate(state, digits, config)
   loop.writer.write(step, {f"eval/{k}": v for k, v in results.items()
                            if isinstance(v, float)})
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  report.write_results(workdir, results)
   return results
 
 

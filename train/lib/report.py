@@ -88,3 +88,19 @@ def save_image_grid(images: np.ndarray, path: str, columns: int = 8,
 def quiet_orbax(record: logging.LogRecord) -> bool:
   """Log filter: orbax's INFO chatter off, its warnings kept."""
   return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
+def prepare_workdir(workdir: str, config) -> str:
+  """Makes `workdir` (absolute) and writes the run's config.json there."""
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  return workdir
+
+
+def write_results(workdir: str, results: dict) -> None:
+  """Writes the final evaluation to `workdir`/results.json."""
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=2)
