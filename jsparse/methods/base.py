@@ -1,8 +1,8 @@
 """SparseMethod: the one extension point of jsparse.
 
-A method decides WHICH kv blocks each query block sees (and may append pooled
-keys or add a per-key bias); it never computes attention itself. The op call
-lives once, in `SparsePlan.attend`.
+A method decides WHICH kv blocks each query block sees, or which keys each
+query row sees (and may append pooled keys or add a per-key bias); it never
+computes attention itself. The op call lives once, in `SparsePlan.attend`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import BlockLayout
+from pallas_kernels import RowLayout
 from pallas_kernels import block_sparse_attention
 
 
@@ -25,10 +26,12 @@ class SparsePlan:
   """What one attention call attends to.
 
   Attributes:
-    layout: the block layout over the combined kv axis [k ; extra_k].
+    layout: the layout over the combined kv axis [k ; extra_k]: a
+      `BlockLayout` (kv blocks per query block) or a `RowLayout` (key
+      indices per query row or group, for per-row selections).
     extra_k: optional [B, S_extra, Hkv, D] keys appended after `k` (pooled
-      levels, global tokens); `k`'s length must be a multiple of
-      layout.block_kv when extras are present.
+      levels, global tokens); with a `BlockLayout`, `k`'s length must be a
+      multiple of layout.block_kv when extras are present.
     extra_v: optional [B, S_extra, Hkv, D] values matching `extra_k`.
     bias_k: optional [B|1, Hq|Hkv|1, S + S_extra] additive per-key logit bias
       (log P of pooled keys, learned key biases); it has a gradient.
@@ -45,7 +48,7 @@ class SparsePlan:
     aux: method-specific outputs for inspection (e.g. an estimated map).
   """
 
-  layout: BlockLayout
+  layout: BlockLayout | RowLayout
   extra_k: jax.Array | None = None
   extra_v: jax.Array | None = None
   bias_k: jax.Array | None = None
@@ -67,7 +70,8 @@ class SparsePlan:
       out [B, T, Hq, D] (and lse [B, Hq, T] with `return_lse`).
     """
     if self.extra_k is not None:
-      if k.shape[1] % self.layout.block_kv:
+      if (isinstance(self.layout, BlockLayout)
+          and k.shape[1] % self.layout.block_kv):
         raise ValueError(
             f"with extra keys, k's length ({k.shape[1]}) must be a multiple "
             f"of layout.block_kv ({self.layout.block_kv})")

@@ -1,0 +1,452 @@
+"""Row-sparse attention over a `RowLayout`: a chunked XLA gather.
+
+Each query group gathers the K/V rows of its listed keys and does one softmax
+over them. Query groups are processed in chunks (`lax.map` / `lax.scan`) so
+the gathered keys and the logits of one chunk stay around `_CHUNK_ELEMENTS`
+elements whatever T: memory is O(T * Kmax) for the lists plus one chunk's
+work, never a T x S array, and work is O(T * Kmax * D).
+
+The backward pass recomputes the logits of each chunk from the saved
+log-sum-exp; dq comes from the gathered keys, dk, dv and d(bias_k) are
+scatter-added into f32 accumulators carried through the scan (deterministic
+on CPU and TPU). The backward pass is plain jnp, so second-order derivatives
+come from differentiating it.
+
+Every backend choice ("xla", "triton", "mosaic_tpu" or None) runs this plain
+XLA gather for a `RowLayout`: there is no Pallas kernel for row lists, so on
+GPU and TPU it is an XLA gather too. "reference" runs the dense oracle on
+`RowLayout.to_dense_mask`.
+
+Shape letters: B batch, L layout heads (kv heads, or q heads for per-q-head
+lists), G q heads per layout head, N chunks, C query groups per chunk, R rows
+of a group (group_size), M list slots (Kmax), D head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import _common
+from pallas_kernels import row_layout as row_layout_lib
+from pallas_kernels.block_sparse_attention import reference
+from pallas_kernels.block_sparse_attention import tile_math
+
+# Target size of one chunk's q-side work, B * L * C * R * M * D elements: it
+# bounds the gathered keys and the logits one chunk holds, whatever T.
+_CHUNK_ELEMENTS = 1 << 23
+IMPLEMENTATIONS = (None, "reference", "xla", "triton", "mosaic_tpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+  """Static shapes of one call (hashable: a non-differentiable argument)."""
+
+  batch: int
+  num_q_heads: int
+  num_kv_heads: int
+  layout_heads: int  # L
+  group: int  # G
+  group_size: int  # R
+  num_chunks: int  # N
+  chunk: int  # C
+  spec: tile_math.MaskSpec
+
+  @property
+  def padded_len(self) -> int:
+    return self.num_chunks * self.chunk * self.group_size
+
+  def kv_head(self):
+    """[L] kv head read by each layout head."""
+    per_q_head = self.layout_heads == self.num_q_heads
+    return jnp.arange(self.layout_heads) // (
+        self.num_q_heads // self.num_kv_heads if per_q_head else 1)
+
+
+def _geometry(q, k, layout, spec) -> _Geometry:
+  b, t, hq, d = q.shape
+  hkv = k.shape[2]
+  lh = hq if layout.num_heads == hq and hq != hkv else hkv
+  r, m = layout.group_size, layout.max_keys
+  groups = layout.num_groups
+  per_chunk = max(1, min(groups, _CHUNK_ELEMENTS // (b * lh * r * m * d)))
+  num_chunks = -(-groups // per_chunk)
+  chunk = -(-groups // num_chunks)  # balanced: the last chunk pads least
+  return _Geometry(b, hq, hkv, lh, hq // lh, r, num_chunks, chunk, spec)
+
+
+# -- layout of rows and chunks ----------------------------------------------
+# Chunks put the batch axes (B, L, C) first and the rows of one gathered list
+# (G q heads x R group rows) next to each other: plain batched matmuls.
+
+
+def _chunk_rows(x, geo: _Geometry):
+  """[B, Tp, Hq, D] -> [N, B, L, C, G, R, D]."""
+  b, _, _, d = x.shape
+  x = x.reshape(b, geo.num_chunks, geo.chunk, geo.group_size,
+                geo.layout_heads, geo.group, d)
+  return x.transpose(1, 0, 4, 2, 5, 3, 6)
+
+
+def _unchunk_rows(x, geo: _Geometry):
+  """[N, B, L, C, G, R, D] -> [B, Tp, Hq, D]."""
+  x = x.transpose(1, 0, 3, 5, 2, 4, 6)
+  return x.reshape(geo.batch, geo.padded_len, geo.num_q_heads, x.shape[-1])
+
+
+def _chunk_stat(x, geo: _Geometry):
+  """[B, Hq, Tp] -> [N, B, L, C, G, R]."""
+  x = x.reshape(geo.batch, geo.layout_heads, geo.group, geo.num_chunks,
+                geo.chunk, geo.group_size)
+  return x.transpose(3, 0, 1, 4, 2, 5)
+
+
+def _unchunk_stat(x, geo: _Geometry):
+  """[N, B, L, C, G, R] -> [B, Hq, Tp]."""
+  x = x.transpose(1, 2, 4, 0, 3, 5)
+  return x.reshape(geo.batch, geo.num_q_heads, geo.padded_len)
+
+
+def _chunk_layout(layout, geo: _Geometry):
+  """The layout's leaves split into N chunks of C groups: [N, Bl, Hl, C, ...].
+
+  Groups added by the padding get count 0 (their rows see nothing).
+  """
+  pad = geo.num_chunks * geo.chunk - layout.num_groups
+
+  def split(x):
+    x = jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3))
+    x = x.reshape(*x.shape[:2], geo.num_chunks, geo.chunk, *x.shape[3:])
+    return jnp.moveaxis(x, 2, 0)
+
+  return jax.tree.map(split, layout)
+
+
+def _head_major(x):
+  """[B, S, H, D] <-> [B, H, S, D]."""
+  return x.transpose(0, 2, 1, 3)
+
+
+# -- bias -------------------------------------------------------------------
+
+
+def _arrange_bias(bias_k, geo: _Geometry):
+  """bias_k [B|1, Hq|Hkv|1, S] -> [B|1, L|1, G|1, S] in the q-head order."""
+  bb, hb, s = bias_k.shape
+  if hb == 1:
+    return bias_k[:, :, None]
+  if hb == geo.num_q_heads:
+    return bias_k.reshape(bb, geo.layout_heads, geo.group, s)
+  if geo.layout_heads == geo.num_kv_heads:
+    return bias_k[:, :, None]
+  # Per-q-head lists with a per-kv-head bias.
+  rep = geo.num_q_heads // geo.num_kv_heads
+  return jnp.repeat(bias_k, rep, axis=1)[:, :, None]
+
+
+def _bias_index(bias, idx, geo: _Geometry):
+  """Index into `bias` [B|1, L|1, G|1, S] of lists idx [Bl, Hl, C, M].
+
+  Indexing with it gives [B, L, C, G|1, M].
+  """
+  bb, lb, gb, _ = bias.shape
+  # Full-size index arrays: the scatter of the backward sums into size-1 dims.
+  b_ix = jnp.arange(geo.batch) if bb > 1 else jnp.zeros(geo.batch, jnp.int32)
+  l_ix = (jnp.arange(geo.layout_heads) if lb > 1
+          else jnp.zeros(geo.layout_heads, jnp.int32))
+  return (b_ix[:, None, None, None, None], l_ix[None, :, None, None, None],
+          jnp.arange(gb)[None, None, None, :, None], idx[:, :, :, None])
+
+
+# -- one chunk ----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chunk:
+  """What the forward and backward passes of one chunk share."""
+
+  q: jax.Array  # [B, L, C, G, R, D]
+  k: jax.Array  # [B, L, C, M, D]
+  v: jax.Array  # [B, L, C, M, D]
+  kv_index: tuple  # index of the gathered rows into [B, Hkv, S, D]
+  bias_index: tuple | None  # index into the arranged bias
+  dot: jax.Array  # f32 [B, L, C, G, R, M] raw q.k
+  s: jax.Array  # f32 [B, L, C, G, R, M] masked logits
+  visible: jax.Array  # bool, broadcastable to s
+
+
+def _visible(layout, idx, q_seg, kv_seg, causal_offset, first_group,
+             geo: _Geometry):
+  """bool [B|1, L|1, C, 1, R|1, M]: which listed keys each row sees."""
+  spec = geo.spec
+  visible = layout.listed()  # [Bl, Hl, C, R|1, M]
+  c, r = geo.chunk, geo.group_size
+  q_pos = ((first_group + jnp.arange(c))[:, None] * r
+           + jnp.arange(r))[..., None]  # [C, R, 1]
+  kv_seg_g = None
+  if spec.has_segments:
+    kv_seg_g = kv_seg[jnp.arange(geo.batch)[:, None, None, None], idx]
+    kv_seg_g = kv_seg_g[:, :, :, None]  # [B, Hl, C, 1, M]
+    q_seg = q_seg[:, None, :, :, None]  # [B, 1, C, R, 1]
+  extra = tile_math.op_mask(q_pos, idx[:, :, :, None], spec,
+                            causal_offset=causal_offset, q_seg=q_seg,
+                            kv_seg=kv_seg_g)
+  if extra is not None:
+    visible = visible & extra
+  return visible[:, :, :, None]
+
+
+def _chunk(k, v, bias, kv_seg, causal_offset, xs, geo: _Geometry) -> _Chunk:
+  """Gathers one chunk's keys and computes its masked logits.
+
+  `k` and `v` are head-major [B, Hkv, S, D]: each gathered row is contiguous.
+  """
+  qc, lay, q_seg_c, n = xs
+  idx = jnp.clip(lay.kv_idx, 0, k.shape[2] - 1)  # [Bl, Hl, C, M]
+  kv_index = (jnp.arange(geo.batch)[:, None, None, None],
+              geo.kv_head()[None, :, None, None], idx)
+  kc, vc = k[kv_index], v[kv_index]
+  bias_index = bias_c = None
+  if bias is not None:
+    bias_index = _bias_index(bias, idx, geo)
+    bias_c = bias[bias_index][..., None, :]  # [B, L, C, G|1, 1, M]
+  visible = _visible(lay, idx, q_seg_c, kv_seg, causal_offset, n * geo.chunk,
+                     geo)
+  dot = jnp.einsum("blcgrd,blcmd->blcgrm", qc, kc,
+                   preferred_element_type=jnp.float32)
+  s = tile_math.mask_logits(tile_math.logits(dot, geo.spec, bias_c), visible)
+  return _Chunk(qc, kc, vc, kv_index, bias_index, dot, s, visible)
+
+
+def _scan_inputs(q, q_seg, layout, geo: _Geometry):
+  """Per-chunk inputs (leading axis N) of the forward and backward scans."""
+  q_seg_c = None
+  if q_seg is not None:
+    q_seg_c = q_seg.reshape(geo.batch, geo.num_chunks, geo.chunk,
+                            geo.group_size).transpose(1, 0, 2, 3)
+  return (_chunk_rows(q, geo), _chunk_layout(layout, geo), q_seg_c,
+          jnp.arange(geo.num_chunks))
+
+
+# -- forward and backward -----------------------------------------------------
+
+
+@_common.numpy_broadcasting
+def _forward(geo, q, k, v, bias_k, q_seg, kv_seg, causal_offset, layout):
+  """out [B, Tp, Hq, D] and lse f32 [B, Hq, Tp] on padded inputs."""
+  bias = None if bias_k is None else _arrange_bias(bias_k, geo)
+  kt, vt = _head_major(k), _head_major(v)
+
+  def body(xs):
+    c = _chunk(kt, vt, bias, kv_seg, causal_offset, xs, geo)
+    p, l, lse = tile_math.softmax_stats(c.s, axes=-1)
+    probs = tile_math.normalise(p, l).astype(v.dtype)
+    out = jnp.einsum("blcgrm,blcmd->blcgrd", probs, c.v,
+                     preferred_element_type=jnp.float32)
+    return out.astype(q.dtype), lse[..., 0]
+
+  out, lse = jax.lax.map(body, _scan_inputs(q, q_seg, layout, geo))
+  return _unchunk_rows(out, geo), _unchunk_stat(lse, geo)
+
+
+@_common.numpy_broadcasting
+def _backward(geo, residuals, cotangents):
+  q, k, v, bias_k, q_seg, kv_seg, causal_offset, layout, out, lse = residuals
+  dout, dlse = cotangents
+  bias = None
+  if bias_k is not None:
+    bias, bias_vjp = jax.vjp(functools.partial(_arrange_bias, geo=geo),
+                             bias_k)
+  # d(lse)/d(s) = p, so the lse cotangent enters as delta - dlse.
+  delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), -1)
+  delta = delta.transpose(0, 2, 1) - dlse.astype(jnp.float32)
+  xs = (_scan_inputs(q, q_seg, layout, geo), _chunk_rows(dout, geo),
+        _chunk_stat(lse, geo), _chunk_stat(delta, geo))
+  kt, vt = _head_major(k), _head_major(v)
+
+  def body(acc, xs):
+    chunk_xs, do, lse_c, delta_c = xs
+    c = _chunk(kt, vt, bias, kv_seg, causal_offset, chunk_xs, geo)
+    p = tile_math.probabilities(c.s, lse_c[..., None])
+    dp = jnp.einsum("blcgrd,blcmd->blcgrm", do, c.v,
+                    preferred_element_type=jnp.float32)
+    ds = tile_math.logits_cotangent(p, dp, delta_c[..., None])
+    # Masked slots get no gradient even where dP - delta is not finite.
+    ds = jnp.where(c.visible, ds, 0.0)
+    ddot = tile_math.dot_cotangent(ds, c.dot, geo.spec).astype(q.dtype)
+    dq = jnp.einsum("blcgrm,blcmd->blcgrd", ddot, c.k,
+                    preferred_element_type=jnp.float32)
+    dk = jnp.einsum("blcgrm,blcgrd->blcmd", ddot, c.q,
+                    preferred_element_type=jnp.float32)
+    dv = jnp.einsum("blcgrm,blcgrd->blcmd", p.astype(do.dtype), do,
+                    preferred_element_type=jnp.float32)
+    dk_acc, dv_acc, dbias_acc = acc
+    dk_acc = dk_acc.at[c.kv_index].add(dk)
+    dv_acc = dv_acc.at[c.kv_index].add(dv)
+    if dbias_acc is not None:
+      dbias = ds.sum(axis=4)  # [B, L, C, G, M]
+      if dbias_acc.shape[2] == 1:
+        dbias = dbias.sum(axis=3, keepdims=True)
+      dbias_acc = dbias_acc.at[c.bias_index].add(dbias)
+    return (dk_acc, dv_acc, dbias_acc), dq.astype(q.dtype)
+
+  zeros = jnp.zeros(kt.shape, jnp.float32)
+  dbias0 = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
+  (dk, dv, dbias), dq = jax.lax.scan(body, (zeros, zeros, dbias0), xs)
+  if dbias is not None:
+    (dbias,) = bias_vjp(dbias.astype(bias.dtype))
+  return (_unchunk_rows(dq, geo), _head_major(dk).astype(k.dtype),
+          _head_major(dv).astype(v.dtype),
+          dbias, None, None, None, None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(geo, q, k, v, bias_k, q_seg, kv_seg, causal_offset, layout):
+  return _forward(geo, q, k, v, bias_k, q_seg, kv_seg, causal_offset, layout)
+
+
+def _attention_fwd(geo, q, k, v, bias_k, q_seg, kv_seg, causal_offset,
+                   layout):
+  out, lse = _forward(geo, q, k, v, bias_k, q_seg, kv_seg, causal_offset,
+                      layout)
+  return (out, lse), (q, k, v, bias_k, q_seg, kv_seg, causal_offset, layout,
+                      out, lse)
+
+
+_attention.defvjp(_attention_fwd, _backward)
+
+
+# -- entry point --------------------------------------------------------------
+
+
+def check_layout(layout: row_layout_lib.RowLayout, q, k) -> None:
+  """Raises ValueError unless `layout` fits q [B, T, Hq, D], k [B, S, Hkv, D].
+
+  Host layouts are also validated (indices in range and distinct).
+  """
+  row_layout_lib.check_shapes(layout)
+  b, t, hq, _ = q.shape
+  s, hkv = k.shape[1], k.shape[2]
+  want_groups = -(-t // layout.group_size)
+  if layout.num_groups != want_groups:
+    raise ValueError(
+        f"layout has Qg={layout.num_groups} query groups but T={t} with "
+        f"group_size={layout.group_size} needs ceil(T / group_size)="
+        f"{want_groups}")
+  if layout.num_keys != s:
+    raise ValueError(
+        f"layout has num_keys={layout.num_keys} but k has S={s} keys")
+  if layout.batch_size not in (1, b):
+    raise ValueError(
+        f"layout batch dim must be 1 or B={b}, got {layout.batch_size}")
+  if layout.num_heads not in (1, hkv, hq):
+    raise ValueError(
+        f"layout head dim must be 1, Hkv={hkv} or Hq={hq}, got "
+        f"{layout.num_heads}")
+  if layout.is_host:
+    layout.validate()
+
+
+def _check_key_side(q, k, bias_k, q_seg, kv_seg) -> None:
+  """Shapes the gathers would otherwise clamp silently (wrong, not failing).
+
+  Stopgap until the op's array checks in api.py also run for a RowLayout.
+  """
+  b, t, hq, _ = q.shape
+  s, hkv = k.shape[1], k.shape[2]
+  if bias_k is not None and (
+      bias_k.ndim != 3 or bias_k.shape[0] not in (1, b)
+      or bias_k.shape[1] not in (1, hkv, hq) or bias_k.shape[2] != s):
+    raise ValueError(
+        f"bias_k must be [B|1, Hq|Hkv|1, S] = [{b}|1, {hq}|{hkv}|1, {s}], "
+        f"got shape {tuple(bias_k.shape)}")
+  if (q_seg is None) != (kv_seg is None):
+    raise ValueError(
+        "q_segment_ids and kv_segment_ids must be given together")
+  if q_seg is not None and (tuple(q_seg.shape) != (b, t)
+                            or tuple(kv_seg.shape) != (b, s)):
+    raise ValueError(
+        f"q_segment_ids and kv_segment_ids must be [B, T] = [{b}, {t}] and "
+        f"[B, S] = [{b}, {s}], got {tuple(q_seg.shape)} and "
+        f"{tuple(kv_seg.shape)}")
+
+
+def _static_float(name: str, value) -> float:
+  if isinstance(value, jax.core.Tracer):
+    raise ValueError(
+        f"{name} must be a static Python float with a RowLayout, got a "
+        "traced value")
+  return float(value)
+
+
+@_common.numpy_broadcasting
+def attention(q, k, v, layout: row_layout_lib.RowLayout, *, bias_k=None,
+              q_segment_ids=None, kv_segment_ids=None, causal=False,
+              causal_offset=0, sm_scale=None, softcap=None,
+              implementation=None):
+  """Row-sparse attention: `block_sparse_attention` with a `RowLayout`.
+
+  Element (i, j) attends when j is listed for i's query group (and the row
+  mask allows it), 0 <= j < S, and the op's predicates hold: `causal`
+  (j <= i + causal_offset) and equal segment ids. Logits are
+  `softcap(sm_scale * q.k) + bias_k[j]`.
+
+  Args:
+    q: [B, T, Hq, D] queries.
+    k: [B, S, Hkv, D] keys.
+    v: [B, S, Hkv, D] values.
+    layout: a `RowLayout` with Qg = ceil(T / group_size), num_keys = S, batch
+      dim in {1, B} and head dim in {1, Hkv, Hq}.
+    bias_k: optional [B|1, Hq|Hkv|1, S] per-key logit bias (has a gradient).
+    q_segment_ids: optional integer [B, T], with `kv_segment_ids`.
+    kv_segment_ids: optional integer [B, S].
+    causal: query i only sees keys j <= i + causal_offset.
+    causal_offset: integer shift of the causal diagonal; may be traced.
+    sm_scale: static logit scale; default 1 / sqrt(D).
+    softcap: optional static logit soft-cap.
+    implementation: "reference" runs the dense oracle (T x S); every other
+      choice (None, "xla", "triton", "mosaic_tpu") runs the XLA gather path.
+
+  Returns:
+    out [B, T, Hq, D] in q's dtype and lse f32 [B, Hq, T]; rows that see no
+    key give out 0 and lse -inf.
+
+  Raises:
+    ValueError: on a layout that does not fit q and k, or bad arguments.
+  """
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+        f"implementation must be one of {IMPLEMENTATIONS}, got "
+        f"{implementation!r}")
+  check_layout(layout, q, k)
+  _check_key_side(q, k, bias_k, q_segment_ids, kv_segment_ids)
+  t, s, d = q.shape[1], k.shape[1], q.shape[3]
+  spec = tile_math.MaskSpec(
+      q_len=t, kv_len=s, kv_len_padded=s, band=None,
+      has_segments=q_segment_ids is not None, has_tiles=False,
+      sm_scale=(1.0 / math.sqrt(d) if sm_scale is None
+                else _static_float("sm_scale", sm_scale)),
+      softcap=None if softcap is None else _static_float("softcap", softcap),
+      causal=bool(causal))
+  causal_offset = jnp.asarray(causal_offset, jnp.int32)
+  if q_segment_ids is not None:
+    q_segment_ids = jnp.asarray(q_segment_ids, jnp.int32)
+    kv_segment_ids = jnp.asarray(kv_segment_ids, jnp.int32)
+  if implementation == "reference":
+    return reference.attention(q, k, v, layout, spec, bias_k=bias_k,
+                               q_segment_ids=q_segment_ids,
+                               kv_segment_ids=kv_segment_ids,
+                               causal_offset=causal_offset)
+  geo = _geometry(q, k, layout, spec)
+  pad = geo.padded_len - t
+  if pad:
+    q = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    if q_segment_ids is not None:
+      q_segment_ids = jnp.pad(q_segment_ids, ((0, 0), (0, pad)))
+  out, lse = _attention(geo, q, k, v, bias_k, q_segment_ids, kv_segment_ids,
+                        causal_offset, layout)
+  return out[:, :t], lse[..., :t]
