@@ -1,5 +1,6 @@
 # Sourced by the quickstart scripts: makes (once) and activates .venv with a
-# Python >= 3.12 and the pinned dependencies.
+# Python >= 3.12 and the pinned dependencies, every extra the tests, training
+# and evaluation scripts need included.
 
 _jsparse_find_python() {
   local candidate
@@ -36,7 +37,7 @@ if [ ! -f "$_jsparse_stamp" ] \
     || [ "$_jsparse_root/constraints.txt" -nt "$_jsparse_stamp" ]; then
   python -m pip install -q --upgrade pip
   python -m pip install -q -c "$_jsparse_root/constraints.txt" \
-    -e "$_jsparse_root[test]"
+    -e "$_jsparse_root[test,train,viz,models]"
   touch "$_jsparse_stamp"
 fi
 cd "$_jsparse_root"

@@ -41,8 +41,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from scipy import optimize
-from scipy import sparse
 
 from jsparse import attention
 from jsparse.masks import static
@@ -195,7 +193,7 @@ class TinyLM(nnx.Module):
     for i, (attn, mlp) in enumerate(zip(self.attns, self.mlps)):
       h = self.norms[2 * i](x)
       if deltas is None:
-        x = x + attn(h, causal=True)
+        x = x + attn(h, is_causal=True)
       else:
         x = x + _probed_attention(attn, h, deltas[i])
       x = x + mlp(self.norms[2 * i + 1](x))
@@ -341,6 +339,10 @@ def solve_plan(profiles: dict[int, np.ndarray], space: SearchSpace,
     {"alphas": [L][H], "betas": [L][H], "loss": objective, "density":
     {length: average density}, "candidates": [C, 2]}.
   """
+  # SciPy is slow to import and only the plan search needs it.
+  from scipy import optimize  # pylint: disable=g-import-not-at-top
+  from scipy import sparse  # pylint: disable=g-import-not-at-top
+
   cands = space.candidates()
   num_layers, num_heads = next(iter(profiles.values())).shape[:2]
   heads, num_c = num_layers * num_heads, len(cands)

@@ -87,7 +87,7 @@ class BertLayer(nnx.Module):
     if self.attn.method is None:
       a = self.attn(x)
     else:
-      a = self.attn(x, layer=layer)
+      a = self.attn(x, method_context={"layer": layer})
     x = self.attn_norm(x + a)
     h = jax.nn.gelu(self.up(x), approximate=False)
     return self.mlp_norm(x + self.down(h))

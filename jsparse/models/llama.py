@@ -100,9 +100,9 @@ class LlamaBlock(nnx.Module):
     if delta is not None:
       x = x + probed_attention(self.attn, h, delta)
     elif self.attn.method is None:
-      x = x + self.attn(h, causal=True)
+      x = x + self.attn(h, is_causal=True)
     else:
-      x = x + self.attn(h, layer=layer)
+      x = x + self.attn(h, method_context={"layer": layer})
     h = self.mlp_norm(x)
     return x + self.down(jax.nn.silu(self.gate(h)) * self.up(h))
 

@@ -78,7 +78,7 @@ class _TinyDecoder(nnx.Module):
 
   def __call__(self, x, positions, **kw):
     for layer in self.layers:
-      x = x + layer(x, positions=positions, **kw)
+      x = x + layer(x, input_positions=positions, **kw)
     return x
 
 
@@ -87,7 +87,7 @@ class SETRecInvarianceTest(absltest.TestCase):
   def _outputs(self, method, x, perm, causal=False):
     model = _TinyDecoder(method, rngs=nnx.Rngs(0))
     pos = jnp.asarray(setrec.position_ids(CONFIG), jnp.float32)
-    run = jax.jit(lambda x: model(x, pos, causal=causal))
+    run = jax.jit(lambda x: model(x, pos, is_causal=causal))
     return run(x), run(x[:, perm])
 
   def test_permuting_an_item_leaves_queries_unchanged(self):
