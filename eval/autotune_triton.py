@@ -2,10 +2,12 @@
 
 For each bucket (dtype x head dim, `TritonConfig.bucket`) it times the forward
 candidates on a dense and a 25%-density random layout (B=1, H=16, T=8192 by
-default), keeps the fastest, then times the backward candidates with that
-forward. The table is JSON {device_kind: {bucket: TritonConfig fields}},
-merged into --out; with --install it also goes to
-`config.TRITON_TUNED_PATH`, which `TritonConfig.heuristic` reads.
+default) and keeps the fastest; then, with that forward, the dQ tiles, the
+dK/dV tiles and the backward launch (warps, stages) one after the other. A
+candidate that fails is logged with its error and never chosen; a bucket
+whose candidates all fail is not written. The table is JSON {device_kind:
+{bucket: TritonConfig fields}}, merged into --out; with --install it also
+goes to `config.TRITON_TUNED_PATH`, which `TritonConfig.heuristic` reads.
 
   python eval/autotune_triton.py                # on a GPU
   python eval/autotune_triton.py --dry_run      # list candidates, time nothing
@@ -20,8 +22,13 @@ import math
 import os
 import pathlib
 import statistics
+import sys
 import time
 
+if __package__ in (None, ""):  # run as a script: make the repo importable
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -33,14 +40,25 @@ from pallas_kernels.block_sparse_attention import tile_math
 
 DTYPES = {"bf16": jnp.bfloat16, "f16": jnp.float16, "f32": jnp.float32}
 # (block_q, block_kv, num_warps, num_stages)
-FWD_CANDIDATES = ((128, 64, 4, 2), (128, 64, 8, 2), (128, 64, 4, 3),
-                  (128, 32, 4, 3), (128, 128, 8, 2), (64, 64, 4, 2),
+FWD_CANDIDATES = ((128, 128, 8, 3), (128, 128, 8, 4), (128, 128, 4, 3),
+                  (128, 128, 8, 2), (128, 64, 4, 2), (128, 64, 8, 2),
+                  (128, 64, 4, 3), (128, 32, 4, 3), (64, 64, 4, 2),
                   (64, 64, 4, 3), (64, 32, 4, 3))
-# (dq_block_q, dq_block_kv, dkv_block_kv, dkv_block_q, warps, stages)
-BWD_CANDIDATES = ((64, 64, 64, 64, 4, 2), (64, 64, 64, 64, 8, 1),
-                  (64, 64, 64, 64, 4, 3), (32, 64, 64, 32, 4, 2),
-                  (64, 32, 32, 64, 4, 2), (128, 64, 128, 64, 8, 1),
-                  (32, 32, 32, 32, 4, 2))
+# The three backward stages, tuned one after the other with `bwd_config`.
+# TritonConfig has one (warps, stages) for both backward kernels, so the
+# launch is a stage of its own after the dQ and dK/dV tiles.
+DQ_CANDIDATES = ((64, 64), (128, 64), (128, 128), (64, 128), (32, 64),
+                 (64, 32))  # (dq_block_q, dq_block_kv)
+DKV_CANDIDATES = ((64, 64), (128, 64), (128, 128), (64, 128), (64, 32),
+                  (32, 64))  # (dkv_block_kv, dkv_block_q)
+BWD_LAUNCH_CANDIDATES = ((4, 2), (8, 2), (4, 3), (8, 3), (8, 4), (8, 1),
+                         (4, 1))  # (bwd_num_warps, bwd_num_stages)
+BWD_STAGES = (
+    ("dq", DQ_CANDIDATES, ("dq_block_q", "dq_block_kv")),
+    ("dkv", DKV_CANDIDATES, ("dkv_block_kv", "dkv_block_q")),
+    ("bwd_launch", BWD_LAUNCH_CANDIDATES, ("bwd_num_warps",
+                                           "bwd_num_stages")),
+)
 
 
 def parse_args(argv=None):
@@ -67,11 +85,34 @@ def fwd_config(base, cand) -> config_lib.TritonConfig:
                              num_warps=warps, num_stages=stages)
 
 
-def bwd_config(base, cand) -> config_lib.TritonConfig:
-  dq_q, dq_kv, dkv_kv, dkv_q, warps, stages = cand
-  return dataclasses.replace(base, dq_block_q=dq_q, dq_block_kv=dq_kv,
-                             dkv_block_kv=dkv_kv, dkv_block_q=dkv_q,
-                             bwd_num_warps=warps, bwd_num_stages=stages)
+def bwd_config(base, fields, cand) -> config_lib.TritonConfig:
+  return dataclasses.replace(base, **dict(zip(fields, cand)))
+
+
+def select(candidates, score, log: list):
+  """The candidate of least score(candidate), or None if every one fails.
+
+  Args:
+    candidates: configs to try.
+    score: config -> seconds; may raise (a candidate that fails to lower,
+      compile or run).
+    log: gets one dict per candidate, with `seconds` or `error`.
+  """
+  best, best_seconds = None, math.inf
+  for cand in candidates:
+    entry = dict(config=dataclasses.asdict(cand))
+    try:
+      entry["seconds"] = seconds = float(score(cand))
+    except Exception as e:  # pylint: disable=broad-except
+      entry["error"] = f"{type(e).__name__}: {e}"[:500]
+      print(f"  failed {cand}: {entry['error']}", flush=True)
+      log.append(entry)
+      continue
+    log.append(entry)
+    print(f"  {seconds * 1e3:8.2f} ms {cand}", flush=True)
+    if seconds < best_seconds:
+      best, best_seconds = cand, seconds
+  return best
 
 
 def layouts(t: int, heads: int, block: int):
@@ -80,9 +121,11 @@ def layouts(t: int, heads: int, block: int):
   top = np.argsort(-rng.random((1, heads, nb, nb)), axis=-1)[..., :nb // 4]
   mask = np.zeros((1, heads, nb, nb), bool)
   np.put_along_axis(mask, top, True, axis=-1)
-  return (BlockLayout.dense(t, t, block_q=block, block_kv=block),
+  # The backward's dK/dV lists come from the transposed layout.
+  return (BlockLayout.dense(t, t, block_q=block,
+                            block_kv=block).with_kv_major(),
           BlockLayout.from_block_mask(mask, block, block,
-                                      full_block_mask=mask))
+                                      full_block_mask=mask).with_kv_major())
 
 
 def time_config(cfg, layout, q, k, v, dout, spec, *, with_bwd: bool,
@@ -92,8 +135,9 @@ def time_config(cfg, layout, q, k, v, dout, spec, *, with_bwd: bool,
                                      config=cfg)
     if not with_bwd:
       return out
+    dlse = jnp.zeros_like(lse)
     return pallas_triton.backward(q, k, v, None, None, None, layout, spec,
-                                  out, lse, dout, config=cfg)
+                                  out, lse, dout, dlse, config=cfg)
 
   fn = jax.jit(step)
   jax.block_until_ready(fn(q, k, v, dout))
@@ -105,8 +149,12 @@ def time_config(cfg, layout, q, k, v, dout, spec, *, with_bwd: bool,
   return statistics.median(times)
 
 
-def tune_bucket(d: int, dtype, args) -> tuple[dict, list]:
-  """Best config fields of one bucket, and every timing (inf on error)."""
+def tune_bucket(d: int, dtype, args, timer=time_config):
+  """Best config fields of one bucket (None if all fail), and every timing.
+
+  `timer(cfg, layout, q, k, v, dout, spec, with_bwd=, reps=) -> seconds` is
+  `time_config` on a GPU; tests pass a fake one.
+  """
   t, heads = args.seq_len, args.num_heads
   keys = jax.random.split(jax.random.key(0), 4)
   q, k, v, dout = (jax.random.normal(key, (1, t, heads, d), dtype)
@@ -117,27 +165,24 @@ def tune_bucket(d: int, dtype, args) -> tuple[dict, list]:
   cases = layouts(t, heads, args.block)
   timings = []
 
-  def total(cfg, with_bwd):
-    try:
-      seconds = sum(time_config(cfg, layout, q, k, v, dout, spec,
-                                with_bwd=with_bwd, reps=args.reps)
-                    for layout in cases)
-    except Exception as e:  # pylint: disable=broad-except
-      timings.append(dict(config=dataclasses.asdict(cfg), bwd=with_bwd,
-                          error=f"{type(e).__name__}: {e}"[:500]))
-      return math.inf
-    timings.append(dict(config=dataclasses.asdict(cfg), bwd=with_bwd,
-                        seconds=seconds))
-    print(f"  {'fwd+bwd' if with_bwd else 'fwd'} {seconds * 1e3:8.2f} ms "
-          f"{cfg}", flush=True)
-    return seconds
+  def total(with_bwd):
+    return lambda cfg: sum(timer(cfg, layout, q, k, v, dout, spec,
+                                 with_bwd=with_bwd, reps=args.reps)
+                           for layout in cases)
 
   base = config_lib.TritonConfig.heuristic(d, dtype)
-  best = min((fwd_config(base, c) for c in FWD_CANDIDATES),
-             key=lambda cfg: total(cfg, False))
-  best = min((bwd_config(best, c) for c in BWD_CANDIDATES),
-             key=lambda cfg: total(cfg, True))
-  return dataclasses.asdict(best), timings
+  log = []
+  best = select([fwd_config(base, c) for c in FWD_CANDIDATES], total(False),
+                log)
+  timings.append(dict(stage="fwd", candidates=log))
+  for stage, candidates, fields in BWD_STAGES:
+    if best is None:
+      break
+    log = []
+    best = select([bwd_config(best, fields, c) for c in candidates],
+                  total(True), log)
+    timings.append(dict(stage=stage, candidates=log))
+  return (None if best is None else dataclasses.asdict(best)), timings
 
 
 def main(argv=None):
@@ -148,7 +193,8 @@ def main(argv=None):
     for d, dtype in buckets:
       print(config_lib.TritonConfig.bucket(d, dtype))
     print(f"forward candidates {FWD_CANDIDATES}")
-    print(f"backward candidates {BWD_CANDIDATES}")
+    for stage, candidates, fields in BWD_STAGES:
+      print(f"{stage} candidates {fields}: {candidates}")
     return None
   device_kind = jax.devices()[0].device_kind
   out_dir = os.environ.get("OUT")
@@ -161,7 +207,10 @@ def main(argv=None):
     bucket = config_lib.TritonConfig.bucket(d, dtype)
     print(f"{device_kind} {bucket}", flush=True)
     best, timings = tune_bucket(d, dtype, args)
-    table.setdefault(device_kind, {})[bucket] = best
+    if best is None:
+      print(f"  every candidate of {bucket} failed; not written", flush=True)
+    else:
+      table.setdefault(device_kind, {})[bucket] = best
     log.append(dict(bucket=bucket, best=best, timings=timings))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(table, indent=2, sort_keys=True) + "\n")

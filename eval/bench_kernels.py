@@ -2,10 +2,11 @@
 
 For random and causal-window layouts at densities (1, .5, .25, .1, .05), times
 every available backend of the op against dense
-`jax.nn.dot_product_attention`, measured side by side in the same run, forward
-and forward+backward. Prints a table and writes JSON (device, versions,
-shapes, times, ratios, compiled temp memory). On CPU only the ratios mean
-something; absolute numbers come from accelerators.
+`jax.nn.dot_product_attention` (cuDNN on a GPU in bf16/f16, else XLA),
+measured side by side in the same run, forward and forward+backward (the
+forward-only "mosaic_gpu" skips the latter). Prints a table and writes JSON
+(device, versions, shapes, times, ratios, compiled temp memory). On CPU only
+the ratios mean something; absolute numbers come from accelerators.
 
   python eval/bench_kernels.py                       # CPU default, T=8192
   python eval/bench_kernels.py --seq_len 2048 --modes fwd
@@ -20,8 +21,13 @@ import os
 import pathlib
 import platform
 import statistics
+import sys
 import time
 
+if __package__ in (None, ""):  # run as a script: make the repo importable
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 import jax.numpy as jnp
 import jaxlib
@@ -32,6 +38,8 @@ from pallas_kernels import block_sparse_attention
 from pallas_kernels.block_sparse_attention import api
 
 DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
+# Backends without a backward pass.
+FORWARD_ONLY = ("mosaic_gpu",)
 
 
 def parse_args(argv=None):
@@ -77,6 +85,12 @@ def make_layout(kind: str, density: float, t: int, block: int,
     return BlockLayout.local(t, window=(per_row * block - 1, 0),
                              block_q=block, block_kv=block)
   raise ValueError(f"unknown layout kind {kind!r}")
+
+
+def dense_implementation(platform_name: str, dtype) -> str:
+  """cuDNN where it runs (GPU, 16-bit floats), else XLA."""
+  half = jnp.dtype(dtype).itemsize == 2
+  return "cudnn" if platform_name == "gpu" and half else "xla"
 
 
 def timed(fn, *args, reps: int) -> float:
@@ -130,13 +144,14 @@ def main(argv=None):
   print(f"B={b} T=S={t} Hq={args.num_q_heads} Hkv={args.num_kv_heads} "
         f"D={args.head_dim} block={args.block} dtype={args.dtype}")
 
+  dense_impl = dense_implementation(device.platform, dtype)
   rows = []
   for mode in args.modes.split(","):
-    dense = build(lambda q, k, v: jax.nn.dot_product_attention(q, k, v),
-                  mode)
+    dense = build(lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, implementation=dense_impl), mode)
     dense_time = timed(dense, q, k, v, cot, reps=args.reps)
     dense_mem = temp_bytes(dense, q, k, v, cot)
-    print(f"\n[{mode}] dense jax.nn.dot_product_attention: "
+    print(f"\n[{mode}] dense jax.nn.dot_product_attention ({dense_impl}): "
           f"{dense_time * 1e3:.1f} ms, temp {_mib(dense_mem)}")
     print(f"{'layout':>14} {'density':>8} {'actual':>7} {'impl':>11} "
           f"{'ms':>9} {'ratio':>7} {'temp':>10}")
@@ -145,6 +160,8 @@ def main(argv=None):
         layout = make_layout(kind, density, t, args.block)
         actual = float(layout.density())
         for impl in impls:
+          if mode != "fwd" and impl in FORWARD_ONLY:
+            continue
           attention = lambda q, k, v, layout=layout, impl=impl: (
               block_sparse_attention(q, k, v, layout, implementation=impl,
                                      interpret=args.interpret))
@@ -168,6 +185,7 @@ def main(argv=None):
       jax_version=jax.__version__,
       jaxlib_version=jaxlib.__version__,
       python=platform.python_version(), cpu_count=os.cpu_count(),
+      dense_implementation=dense_impl,
       shapes=dict(batch=b, seq_len=t, num_q_heads=args.num_q_heads,
                   num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,
                   block=args.block, dtype=args.dtype),
