@@ -3,9 +3,9 @@
 The layout's lists drive the pipelines through scalar prefetch: the grid is
 (batch, heads, rows, list slots) and each BlockSpec index_map reads the block
 id of the current slot from SMEM, so the pipeline DMAs exactly the listed
-blocks. Slots past a row's count repeat the row's last id (the layout's
-padding contract), so the pipeline sees an unchanged block index and issues no
-copy, and the kernel body skips them.
+blocks. Skipped slots (past a row's count, or hidden by the causal diagonal)
+repeat the id of the row's previous live slot, so the pipeline sees an
+unchanged block index and issues no copy, and the kernel body skips them.
 
 - forward and dQ: grid (B, Hq, Qb, Kmax) over `layout.kv_idx`; the output
   block stays resident over the last ("arbitrary") axis while a flash
@@ -14,9 +14,12 @@ copy, and the kernel body skips them.
   the last axis walks the q heads of the GQA group one after the other, so
   dK/dV of a kv head sum their contributions in VMEM: no atomics.
 
-GQA reads the kv head h // G in the index maps (no K/V repeat). Full blocks
-do no mask work; partial blocks evaluate the band, segment and tile
-predicates; the last kv block masks its padding keys when S is ragged.
+GQA reads the kv head h // G in the index maps (no K/V repeat). Slots wholly
+above the causal diagonal are skipped in the step lists (no DMA, no work).
+Full blocks the diagonal leaves whole do no mask work (unless segment ids are
+given); the others evaluate the op's causal and segment predicates, partial
+blocks also the layout's band and tile; the last kv block masks its padding
+keys when S is ragged.
 Row statistics (running max/sum, log-sum-exp, delta) are kept
 lane-replicated [rows, 128] as in splash attention.
 
@@ -44,6 +47,8 @@ from pallas_kernels.block_sparse_attention import config as config_lib
 from pallas_kernels.block_sparse_attention import tile_math
 
 NAME = "mosaic_tpu"
+# The backward kernels have no derivative of their own.
+SECOND_ORDER = False
 
 NUM_LANES = 128
 NUM_SUBLANES = 8
@@ -147,27 +152,43 @@ class _Lists:
                                       (self.tile,))
 
 
+def _hold(values, live):
+  """`values` [..., W] with each dead slot taking the last live slot's value.
+
+  Dead slots before the first live one take the first live value. A slot
+  whose fetch id repeats the previous one costs the pipeline no copy.
+  """
+  slot = jnp.arange(values.shape[-1], dtype=jnp.int32)
+  last = lax.cummax(jnp.where(live, slot, -1), axis=values.ndim - 1)
+  first = jnp.argmax(live, axis=-1)[..., None]
+  return jnp.take_along_axis(values, jnp.where(last >= 0, last, first),
+                             axis=-1)
+
+
 def _step_lists(idx, cnt, kind, tile_idx, *, num_blocks: int,
-                num_tiles: int) -> _Lists:
-  """Step codes and fetch ids from layout-style lists [Bl, Hl, R, W]."""
+                num_tiles: int, hidden=None) -> _Lists:
+  """Step codes and fetch ids from layout-style lists [Bl, Hl, R, W].
+
+  Slots past the count and `hidden` ones (bool [..., R, W], or None) are
+  skipped and fetch the row's previous block, so they cost no DMA.
+  """
   idx, cnt, kind = jnp.asarray(idx), jnp.asarray(cnt), jnp.asarray(kind)
   width = idx.shape[-1]
   slot = jnp.arange(width, dtype=jnp.int32)
-  valid = slot < cnt[..., None]
-  code = jnp.where(valid, kind.astype(jnp.int32), _SKIP)
+  live = slot < cnt[..., None]
+  if hidden is not None:
+    live = live & jnp.logical_not(hidden)
+  code = jnp.where(live, kind.astype(jnp.int32), _SKIP)
   tile = None
   if tile_idx is not None:
     tile_idx = jnp.asarray(tile_idx)
-    has_tile = valid & (code == layout_lib.PARTIAL) & (tile_idx >= 0)
+    has_tile = live & (code == layout_lib.PARTIAL) & (tile_idx >= 0)
     code = jnp.where(has_tile, _TILED, code)
-    # Slots without a tile re-fetch the row's previous tile (slots before the
-    # first tile fetch it early), so the pool is only copied when the tile
-    # changes.
-    last = lax.cummax(jnp.where(has_tile, slot, -1), axis=idx.ndim - 1)
-    first = jnp.argmax(has_tile, axis=-1)[..., None]
-    source = jnp.where(last >= 0, last, first)
-    tile = jnp.maximum(jnp.take_along_axis(tile_idx, source, axis=-1), 0)
+    # Slots without a tile re-fetch the row's previous tile, so the pool is
+    # only copied when the tile changes.
+    tile = jnp.maximum(_hold(tile_idx, has_tile), 0)
     tile = tile.reshape(-1).astype(_smallest_int(num_tiles - 1))
+  idx = _hold(idx, live)
   return _Lists(idx.reshape(-1).astype(_smallest_int(num_blocks - 1)),
                 code.reshape(-1).astype(np.int8), tile, width)
 
@@ -225,6 +246,7 @@ def _input_names(kern: _Kernel, *, backward: bool):
   names += ["bias"] if kern.has_bias else []
   names += ["q_seg", "kv_seg"] if kern.has_segments else []
   names += ["tiles"] if kern.has_tiles else []
+  names += ["causal_offset"] if kern.spec.causal else []
   names += ["do", "lse", "delta"] if backward else []
   return names
 
@@ -253,38 +275,45 @@ def _logits(kern: _Kernel, r, q, chunk: int, code, q_block, kv_block,
   q_pos = q_block * geo.block_q + lax.broadcasted_iota(jnp.int32, shape, 0)
   kv_pos = (kv_block * geo.block_kv + chunk * n
             + lax.broadcasted_iota(jnp.int32, shape, 1))
-  mask = None
-  if spec.partial_needs_mask:
-    q_seg = kv_seg = tile = None
-    if kern.has_segments:
-      q_seg = _lanes(r["q_seg"][...], n)
-      kv_seg = r["kv_seg"][:1, cols]
-    if kern.has_tiles:
-      tile = r["tiles"][:, cols] | (code != _TILED)
-    partial = tile_math.partial_block_mask(q_pos, kv_pos, spec, q_seg=q_seg,
-                                           kv_seg=kv_seg, tile=tile)
-    if partial is not None:
-      mask = partial | (code == layout_lib.FULL)
-  padding = tile_math.padding_mask(kv_pos, spec)
-  if padding is not None:
-    mask = padding if mask is None else mask & padding
+  q_seg = kv_seg = tile = None
+  if kern.has_segments:
+    q_seg = _lanes(r["q_seg"][...], n)
+    kv_seg = r["kv_seg"][:1, cols]
+  if kern.has_tiles:
+    tile = r["tiles"][:, cols] | (code != _TILED)
+  mask = tile_math.element_mask(
+      q_pos, kv_pos, spec, full=code == layout_lib.FULL,
+      causal_offset=_causal_offset(kern, r), q_seg=q_seg, kv_seg=kv_seg,
+      tile=tile)
   return dot, tile_math.mask_logits(s, mask)
 
 
-def _run_steps(kern: _Kernel, code, kv_block, step):
-  """Calls step(masked) for a listed slot; full blocks skip mask work."""
-  spec = kern.spec
+def _causal_offset(kern: _Kernel, r):
+  return r["causal_offset"][0] if kern.spec.causal else None
+
+
+def _run_steps(kern: _Kernel, r, code, q_block, kv_block, step):
+  """Calls step(masked) for a listed slot; only cut tiles do mask work.
+
+  Slots the causal diagonal hides are already skipped by the step lists.
+  """
+  geo = kern.geo
   listed = code != _SKIP
-  if not (spec.partial_needs_mask or spec.kv_is_ragged):
-    pl.when(listed)(lambda: step(False))
+  causal_all = None
+  if kern.spec.causal:
+    _, causal_all = tile_math.causal_tile_test(
+        q_block * geo.block_q, q_block * geo.block_q + geo.block_q - 1,
+        kv_block * geo.block_kv, kv_block * geo.block_kv + geo.block_kv - 1,
+        _causal_offset(kern, r))
+  needs_mask = tile_math.needs_mask(
+      kern.spec, is_partial=(code == layout_lib.PARTIAL) | (code == _TILED),
+      is_last_kv_block=kv_block == geo.num_kv_blocks - 1,
+      causal_all=causal_all)
+  if isinstance(needs_mask, bool):
+    pl.when(listed)(lambda: step(needs_mask))
     return
-  needs_mask = jnp.bool_(False)
-  if spec.partial_needs_mask:
-    needs_mask = (code == layout_lib.PARTIAL) | (code == _TILED)
-  if spec.kv_is_ragged:
-    needs_mask = needs_mask | (kv_block == kern.geo.num_kv_blocks - 1)
   pl.when(listed & needs_mask)(lambda: step(True))
-  pl.when(listed & ~needs_mask)(lambda: step(False))
+  pl.when(listed & jnp.logical_not(needs_mask))(lambda: step(False))
 
 
 def _fwd_kernel(*refs, kern: _Kernel):
@@ -317,7 +346,7 @@ def _fwd_kernel(*refs, kern: _Kernel):
       r["acc"][...] = alpha * r["acc"][...] + jnp.dot(
           p.astype(v.dtype), v, preferred_element_type=jnp.float32)
 
-  _run_steps(kern, code, kv_block, step)
+  _run_steps(kern, r, code, i, kv_block, step)
 
   @pl.when(j == kern.list_width - 1)
   def _finish():
@@ -367,7 +396,7 @@ def _dq_kernel(*refs, kern: _Kernel):
       r["dq_acc"][...] += jnp.dot(ddot.astype(k.dtype), k,
                                   preferred_element_type=jnp.float32)
 
-  _run_steps(kern, code, kv_block, step)
+  _run_steps(kern, r, code, i, kv_block, step)
 
   @pl.when(j == kern.list_width - 1)
   def _finish():
@@ -412,7 +441,7 @@ def _dkv_kernel(*refs, kern: _Kernel):
       if kern.has_bias:
         r["dbias_acc"][:, rows] += jnp.sum(ds, axis=0, keepdims=True)
 
-  _run_steps(kern, code, kb, step)
+  _run_steps(kern, r, code, q_block, kb, step)
 
   if kern.has_bias:
     @pl.when(j == width - 1)
@@ -452,7 +481,8 @@ def _call(kernel, kern: _Kernel, *, grid, in_specs, out_specs, out_shape,
       default=functools.partial(run, True))
 
 
-def _operands(kern: _Kernel, q, k, v, bias, q_seg, kv_seg, tiles):
+def _operands(kern: _Kernel, q, k, v, bias, q_seg, kv_seg, tiles,
+              causal_offset):
   """Kernel-side operand layouts and their names (see _input_names)."""
   geo = kern.geo
   ops = [q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3),
@@ -467,6 +497,8 @@ def _operands(kern: _Kernel, q, k, v, bias, q_seg, kv_seg, tiles):
         geo.batch, NUM_SUBLANES, kv_seg.shape[1])))
   if kern.has_tiles:
     ops.append(jnp.asarray(tiles, jnp.bool_))
+  if kern.spec.causal:
+    ops.append(jnp.reshape(causal_offset, (1,)))
   return ops
 
 
@@ -510,6 +542,8 @@ def _specs(kern: _Kernel, q_index, kv_index, tile_index, *, backward: bool):
   if kern.has_tiles:
     specs.append(pl.BlockSpec((None, geo.block_q, geo.block_kv),
                               lambda *ix: (tile_index(*ix), 0, 0)))
+  if kern.spec.causal:
+    specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))
   if backward:
     specs += [row((geo.block_q, d)), row((geo.block_q, NUM_LANES)),
               row((geo.block_q, NUM_LANES))]
@@ -531,7 +565,8 @@ def _row_index(kern: _Kernel, rows: int):
 
 
 def _forward_slice(q, k, v, bias, q_seg, kv_seg, lists: _Lists, tiles, spec,
-                   block_kv_compute, cfg, interpret, layout_shape):
+                   block_kv_compute, cfg, interpret, layout_shape,
+                   causal_offset):
   """One launch of the forward kernel; shapes as `forward`."""
   geo = _geometry_of(q, k, bias, layout_shape, block_kv_compute)
   kern = _Kernel(geo, spec, bias is not None, lists.width)
@@ -557,7 +592,8 @@ def _forward_slice(q, k, v, bias, q_seg, kv_seg, lists: _Lists, tiles, spec,
                       pltpu.VMEM((geo.block_q, NUM_LANES), jnp.float32),
                       pltpu.VMEM((geo.block_q, geo.head_dim), jnp.float32)],
       cfg=cfg, interpret=interpret, name="block_sparse_attention_fwd",
-  )(*lists.arrays(), *_operands(kern, q, k, v, bias, q_seg, kv_seg, tiles))
+  )(*lists.arrays(), *_operands(kern, q, k, v, bias, q_seg, kv_seg, tiles,
+                                causal_offset))
   return out.transpose(0, 2, 1, 3), lse[..., 0]
 
 
@@ -574,7 +610,8 @@ def _geometry_of(q, k, bias, layout_shape, block_kv_compute) -> _Geometry:
 
 def _backward_slice(q, k, v, bias, q_seg, kv_seg, lists: _Lists,
                     lists_t: _Lists, tiles, spec, block_kv_compute, cfg,
-                    interpret, layout_shape, out, lse, dout, dlse):
+                    interpret, layout_shape, causal_offset, out, lse, dout,
+                    dlse):
   """dq, dk, dv and per-(batch, q head) d bias_k [B, Hq, Sp] of one slice."""
   geo = _geometry_of(q, k, bias, layout_shape, block_kv_compute)
   tp = geo.num_q_blocks * geo.block_q
@@ -590,7 +627,8 @@ def _backward_slice(q, k, v, bias, q_seg, kv_seg, lists: _Lists,
 
   # dQ over the forward lists.
   kern = _Kernel(geo, spec, has_bias, lists.width)
-  ops = _operands(kern, q, k, v, bias, q_seg, kv_seg, tiles) + row_ops
+  ops = _operands(kern, q, k, v, bias, q_seg, kv_seg, tiles,
+                  causal_offset) + row_ops
   block, tile = _row_index(kern, geo.num_q_blocks)
   q_index = lambda b, h, i, j, *refs: (b, h, i)
   kv_index = lambda b, h, i, j, *refs: (b, geo.kv_head(h),
@@ -759,12 +797,25 @@ def _num_tiles(layout):
   return None if layout.tiles is None else layout.tiles.shape[0]
 
 
+def _layout_lists(layout, spec, causal_offset, idx, cnt, kind, tile_idx, *,
+                  rows_are_q: bool) -> _Lists:
+  """Step lists of a forward (`rows_are_q`) or transposed list slice."""
+  hidden = None
+  if spec.causal:
+    hidden = tile_math.causal_hidden_blocks(
+        jnp.asarray(idx), causal_offset, rows_are_q=rows_are_q,
+        block_q=layout.block_q, block_kv=layout.block_kv)
+  return _step_lists(
+      idx, cnt, kind, tile_idx, num_tiles=_num_tiles(layout), hidden=hidden,
+      num_blocks=layout.num_kv_blocks if rows_are_q else layout.num_q_blocks)
+
+
 # -- public entry points (called by api.py) ------------------------------------
 
 
 @_common.numpy_broadcasting
-def forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, *, config=None,
-            interpret=None):
+def forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, *,
+            causal_offset=None, config=None, interpret=None):
   """Forward pass on block-padded inputs.
 
   Args:
@@ -776,6 +827,7 @@ def forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, *, config=None,
     kv_seg: optional int32 [B, Sp] key segment ids.
     layout: the `BlockLayout` ([Bl, Hl, Qb, Kmax] lists).
     spec: the op's `tile_math.MaskSpec`.
+    causal_offset: int32 scalar of the causal predicate (when spec.causal).
     config: a `MosaicTpuConfig`; default `MosaicTpuConfig.get_default()`.
     interpret: None runs Mosaic on TPU and the interpreter elsewhere; True or
       a `pltpu.InterpretParams` forces interpret mode, False forces Mosaic.
@@ -796,12 +848,12 @@ def forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, *, config=None,
                       budget=cfg.smem_budget_bytes, what="forward")
 
   def run(q, k, v, bias, q_seg, kv_seg, idx, cnt, kind, tile_idx):
-    lists = _step_lists(idx, cnt, kind, tile_idx,
-                        num_blocks=layout.num_kv_blocks, num_tiles=num_tiles)
+    lists = _layout_lists(layout, spec, causal_offset, idx, cnt, kind,
+                          tile_idx, rows_are_q=True)
     shape = (idx.shape[0], idx.shape[1], layout.block_q, layout.block_kv,
              layout.num_kv_blocks)
     return _forward_slice(q, k, v, bias, q_seg, kv_seg, lists, layout.tiles,
-                          spec, tile, cfg, interpret, shape)
+                          spec, tile, cfg, interpret, shape, causal_offset)
 
   args = [(q, 0, 2), (k, 0, 2), (v, 0, 2), (bias_k, 0, 1), (q_seg, 0, None),
           (kv_seg, 0, None), *_layout_args(layout)]
@@ -810,7 +862,7 @@ def forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, *, config=None,
 
 @_common.numpy_broadcasting
 def backward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, out, lse, dout,
-             dlse, *, config=None, interpret=None):
+             dlse, *, causal_offset=None, config=None, interpret=None):
   """Gradients of `forward` with respect to q, k, v and bias_k.
 
   Args:
@@ -819,6 +871,7 @@ def backward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, out, lse, dout,
     lse: f32 [B, Hq, Tp] forward log-sum-exp.
     dout: [B, Tp, Hq, D] output cotangent.
     dlse: f32 [B, Hq, Tp] cotangent of the log-sum-exp.
+    causal_offset: as `forward`.
     config: as `forward`.
     interpret: as `forward`.
 
@@ -837,15 +890,15 @@ def backward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, out, lse, dout,
 
   def run(q, k, v, bias, q_seg, kv_seg, out, lse, dout, dlse, idx, cnt, kind,
           tile_idx, idx_t, cnt_t, kind_t, tile_idx_t):
-    lists = _step_lists(idx, cnt, kind, tile_idx,
-                        num_blocks=layout.num_kv_blocks, num_tiles=num_tiles)
-    lists_t = _step_lists(idx_t, cnt_t, kind_t, tile_idx_t,
-                          num_blocks=layout.num_q_blocks, num_tiles=num_tiles)
+    lists = _layout_lists(layout, spec, causal_offset, idx, cnt, kind,
+                          tile_idx, rows_are_q=True)
+    lists_t = _layout_lists(layout, spec, causal_offset, idx_t, cnt_t,
+                            kind_t, tile_idx_t, rows_are_q=False)
     shape = (idx.shape[0], idx.shape[1], layout.block_q, layout.block_kv,
              layout.num_kv_blocks)
     return _backward_slice(q, k, v, bias, q_seg, kv_seg, lists, lists_t,
                            layout.tiles, spec, tile, cfg, interpret, shape,
-                           out, lse, dout, dlse)
+                           causal_offset, out, lse, dout, dlse)
 
   args = [(q, 0, 2), (k, 0, 2), (v, 0, 2), (bias_k, 0, 1), (q_seg, 0, None),
           (kv_seg, 0, None), (out, 0, 2), (lse, 0, 1), (dout, 0, 2),

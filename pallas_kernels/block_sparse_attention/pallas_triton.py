@@ -3,9 +3,13 @@
 Grid (query slabs, batch, q heads). Each program reads its layout row (kv
 block ids, count, kinds) as ordinary inputs, since GPU lowering has no scalar
 prefetch, and walks the row with a `fori_loop` bounded by the row's count,
-slicing K/V chunks out of the whole-sequence K/V refs. Full blocks skip the
-element mask; GQA reads kv head h // (Hq // Hkv) without repeating K/V. The
-dQ and dK/dV kernels live in `pallas_triton_vjp`.
+slicing K/V chunks out of the whole-sequence K/V refs. With `causal`, a row
+walks only the slots from its first to its last block the diagonal does not
+hide (precomputed per row; ascending lists hide a suffix in the forward
+lists, a prefix in the transposed ones). Tiles no predicate cuts (full
+blocks the diagonal leaves whole, without segment ids) skip the element
+mask. GQA reads kv head h // (Hq // Hkv) without repeating K/V. The dQ and
+dK/dV kernels live in `pallas_triton_vjp`.
 
 The kernels lower to Triton when compiled for CUDA or ROCm and run in Pallas
 interpret mode on every other platform (CPU tests). The choice is made at
@@ -34,6 +38,8 @@ from pallas_kernels.block_sparse_attention import config as config_lib
 from pallas_kernels.block_sparse_attention import tile_math
 
 NAME = "triton"
+# The backward kernels have no derivative of their own.
+SECOND_ORDER = False
 
 
 def unavailable_reason(platform: str, interpret: bool) -> str | None:
@@ -120,11 +126,13 @@ def dot(a, b, *, trans_a=False, trans_b=False):
 
 
 def tile_logits(dot_qk, spec: tile_math.MaskSpec, geo: Geometry, *, kind,
-                kv_block, q_pos, kv_pos, bias, partial_operands):
+                kv_block, q_pos, kv_pos, bias, causal_offset, causal_all,
+                mask_operands):
   """Masked f32 logits of one [R, C] tile.
 
-  Full tiles take a branch with no mask work; partial tiles, and the last kv
-  block when S is ragged, apply the predicates.
+  Tiles that no predicate cuts take a branch with no mask work; the others
+  (partial blocks, the ragged last kv block, tiles the causal diagonal cuts,
+  every tile when segment ids are given) apply the element mask.
 
   Args:
     dot_qk: f32 [R, C] raw q.k products.
@@ -135,33 +143,67 @@ def tile_logits(dot_qk, spec: tile_math.MaskSpec, geo: Geometry, *, kind,
     q_pos: int32 [R, 1] query positions.
     kv_pos: int32 [1, C] key positions.
     bias: f32 [1, C] key bias, or None.
-    partial_operands: () -> (q_seg, kv_seg, tile) loading what partial
-      predicates read (None for those unused); called only off the fast path.
+    causal_offset: int32 scalar (when spec.causal).
+    causal_all: bool scalar: the causal predicate holds on the whole tile.
+    mask_operands: () -> (q_seg, kv_seg, tile) loading what the predicates
+      read (None for those unused); called only off the fast path.
   """
   s = tile_math.logits(dot_qk, spec, bias)
-  if not (spec.partial_needs_mask or spec.kv_is_ragged):
-    return s
-  ragged_last = kv_block == geo.num_kv_blocks - 1
-  is_partial = kind != layout_lib.FULL
+  need = tile_math.needs_mask(
+      spec, is_partial=kind != layout_lib.FULL,
+      is_last_kv_block=kv_block == geo.num_kv_blocks - 1,
+      causal_all=causal_all)
 
   def masked(s):
-    mask = tile_math.padding_mask(kv_pos, spec)
-    if spec.partial_needs_mask:
-      q_seg, kv_seg, tile = partial_operands()
-      partial = tile_math.partial_block_mask(q_pos, kv_pos, spec, q_seg=q_seg,
-                                             kv_seg=kv_seg, tile=tile)
-      # Only reached by a full block when it is the ragged last block.
-      partial = partial | jnp.logical_not(is_partial)
-      mask = partial if mask is None else mask & partial
+    q_seg, kv_seg, tile = mask_operands()
+    mask = tile_math.element_mask(
+        q_pos, kv_pos, spec, full=kind == layout_lib.FULL,
+        causal_offset=causal_offset, q_seg=q_seg, kv_seg=kv_seg, tile=tile)
     return tile_math.mask_logits(s, mask)
 
-  if not spec.partial_needs_mask:
-    needs_mask = ragged_last
-  elif not spec.kv_is_ragged:
-    needs_mask = is_partial
-  else:
-    needs_mask = is_partial | ragged_last
-  return lax.cond(needs_mask, masked, lambda s: s, s)
+  if isinstance(need, bool):
+    return masked(s) if need else s
+  return lax.cond(need, masked, lambda s: s, s)
+
+
+def causal_all(spec: tile_math.MaskSpec, causal_offset, q_span, kv_span):
+  """Whether the causal predicate holds on a whole tile (None: no causal).
+
+  `q_span` and `kv_span` are the (first, last) positions of the tile. Tiles
+  the diagonal hides entirely are walked only inside a row's live range (or
+  for unsorted lists) and come out fully masked.
+  """
+  if not spec.causal:
+    return None
+  return tile_math.causal_tile_test(*q_span, *kv_span, causal_offset)[1]
+
+
+@_common.numpy_broadcasting
+def list_bounds(idx, cnt, spec: tile_math.MaskSpec, causal_offset, *,
+                rows_are_q: bool, block_q: int, block_kv: int):
+  """(start, end) int32 [..., R]: the list slots each row walks.
+
+  [0, cnt) without causal; with it, from the row's first to its last slot
+  the diagonal does not hide (start = end = 0 when it hides them all).
+  """
+  if not spec.causal:
+    return None, cnt
+  idx = jnp.asarray(idx)
+  width = idx.shape[-1]
+  live = jnp.arange(width) < jnp.asarray(cnt)[..., None]
+  live = live & jnp.logical_not(tile_math.causal_hidden_blocks(
+      idx, causal_offset, rows_are_q=rows_are_q, block_q=block_q,
+      block_kv=block_kv))
+  some = jnp.any(live, axis=-1)
+  start = jnp.where(some, jnp.argmax(live, axis=-1), 0)
+  end = jnp.where(some, width - jnp.argmax(live[..., ::-1], axis=-1), 0)
+  return start.astype(jnp.int32), end.astype(jnp.int32)
+
+
+def causal_offset_operand(causal_offset):
+  """The causal offset as a one-element operand every program reads."""
+  return (jnp.reshape(causal_offset, (1,)),
+          pl.BlockSpec((1,), lambda *_: (0,)))
 
 
 def load_tile(refs, slot, rows, cols):
@@ -211,23 +253,29 @@ def call(kernel, operands, outputs, *, grid, num_warps, num_stages, name):
       default=functools.partial(run, True))
 
 
-def layout_operands(layout, row_map):
+def layout_operands(layout, row_map, spec, causal_offset):
   """The forward-orientation layout row a program reads, as operands.
 
   `row_map(i, b, h)` gives (layout batch, layout head, query block) of the
-  program; used by the forward and dQ kernels.
+  program; used by the forward and dQ kernels. The row's walk bounds are
+  "kv_start" (with causal) and "kv_end".
   """
   kmax = layout.max_kv_blocks
+  row_spec = pl.BlockSpec((None, None, 1), lambda *g: row_map(*g))
+  start, end = list_bounds(layout.kv_idx, layout.kv_cnt, spec, causal_offset,
+                           rows_are_q=True, block_q=layout.block_q,
+                           block_kv=layout.block_kv)
   ops = {
       "kv_idx": (layout.kv_idx,
                  pl.BlockSpec((None, None, None, kmax),
                               lambda *g: (*row_map(*g), 0))),
-      "kv_cnt": (layout.kv_cnt,
-                 pl.BlockSpec((None, None, 1), lambda *g: row_map(*g))),
+      "kv_end": (end, row_spec),
       "kv_kind": (layout.kv_kind,
                   pl.BlockSpec((None, None, None, kmax),
                                lambda *g: (*row_map(*g), 0))),
   }
+  if start is not None:
+    ops["kv_start"] = (start, row_spec)
   if layout.tiles is not None:
     ops["tile_idx"] = (layout.tile_idx,
                        pl.BlockSpec((None, None, None, kmax),
@@ -237,12 +285,12 @@ def layout_operands(layout, row_map):
   return ops
 
 
-def q_major_operands(q, k, v, bias_k, q_seg, kv_seg, layout, geo: Geometry,
-                     rows: int):
+def q_major_operands(q, k, v, bias_k, q_seg, kv_seg, layout, spec,
+                     geo: Geometry, rows: int, causal_offset):
   """Operands of a kernel over (query slabs, batch, q heads).
 
   Per program: its R query rows, the whole K/V of its kv head, the key bias
-  and segment rows, and its layout row.
+  and segment rows, its layout row and the causal offset.
   """
   sub = geo.block_q // rows
   seq_kv = k.shape[1]
@@ -252,7 +300,7 @@ def q_major_operands(q, k, v, bias_k, q_seg, kv_seg, layout, geo: Geometry,
     return (b if geo.layout_batch > 1 else 0,
             geo.q_head_map(geo.layout_heads, h), lax.div(i, sub))
 
-  ops = layout_operands(layout, row_map)
+  ops = layout_operands(layout, row_map, spec, causal_offset)
   ops["q"] = (q, pl.BlockSpec((None, rows, None, d),
                               lambda i, b, h: (b, i, h, 0)))
   kv_spec = pl.BlockSpec((None, seq_kv, None, d),
@@ -268,18 +316,31 @@ def q_major_operands(q, k, v, bias_k, q_seg, kv_seg, layout, geo: Geometry,
     ops["q_seg"] = (q_seg, pl.BlockSpec((None, rows), lambda i, b, h: (b, i)))
     ops["kv_seg"] = (kv_seg, pl.BlockSpec((None, seq_kv),
                                           lambda i, b, h: (b, 0)))
+  if causal_offset is not None:
+    ops["causal_offset"] = causal_offset_operand(causal_offset)
   return ops
 
 
-def walk(count, chunks: int, body, init):
-  """fori_loop over (list slot, chunk) pairs: body(slot, chunk, carry)."""
+def walk(start, end, chunks: int, body, init):
+  """fori_loop over (list slot, chunk) pairs of slots [start, end).
+
+  Calls body(slot, chunk, carry); `start` None means 0.
+  """
+  start = 0 if start is None else start
   if chunks == 1:
-    return lax.fori_loop(0, count, lambda j, c: body(j, 0, c), init)
+    return lax.fori_loop(start, end, lambda j, c: body(j, 0, c), init)
 
   def flat_body(t, carry):
     return body(lax.div(t, chunks), lax.rem(t, chunks), carry)
 
-  return lax.fori_loop(0, count * chunks, flat_body, init)
+  return lax.fori_loop(start * chunks, end * chunks, flat_body, init)
+
+
+def walk_bounds(r, name: str, index=()):
+  """(start, end) scalars of a program's list walk from its `name` refs."""
+  start = getattr(r, name + "_start", None)
+  return (None if start is None else start[(*index, 0)],
+          getattr(r, name + "_end")[(*index, 0)])
 
 
 def _fwd_kernel(r, *, spec: tile_math.MaskSpec, geo: Geometry, rows: int,
@@ -289,6 +350,7 @@ def _fwd_kernel(r, *, spec: tile_math.MaskSpec, geo: Geometry, rows: int,
   q = r.q[...]
   q_pos = i * rows + jnp.arange(rows, dtype=jnp.int32)[:, None]
   q_seg = r.q_seg[...][:, None] if spec.has_segments else None
+  offset = r.causal_offset[0] if spec.causal else None
 
   def step(j, c, carry):
     m, l, acc = carry
@@ -299,7 +361,7 @@ def _fwd_kernel(r, *, spec: tile_math.MaskSpec, geo: Geometry, rows: int,
     v = r.v[keys, :]
     bias = r.bias[keys][None, :] if geo.bias_heads else None
 
-    def partial_operands():
+    def mask_operands():
       kv_seg = r.kv_seg[keys][None, :] if spec.has_segments else None
       tile = None
       if spec.has_tiles:
@@ -310,7 +372,10 @@ def _fwd_kernel(r, *, spec: tile_math.MaskSpec, geo: Geometry, rows: int,
         dot(q, k, trans_b=True), spec, geo, kind=r.kv_kind[j],
         kv_block=kv_block, q_pos=q_pos,
         kv_pos=start + jnp.arange(chunk, dtype=jnp.int32)[None, :],
-        bias=bias, partial_operands=partial_operands)
+        bias=bias, causal_offset=offset,
+        causal_all=causal_all(spec, offset, (i * rows, i * rows + rows - 1),
+                              (start, start + chunk - 1)),
+        mask_operands=mask_operands)
     m, l, p, alpha = tile_math.online_softmax_update(m, l, s)
     acc = alpha * acc + dot(p.astype(v.dtype), v)
     return m, l, acc
@@ -318,7 +383,7 @@ def _fwd_kernel(r, *, spec: tile_math.MaskSpec, geo: Geometry, rows: int,
   init = (jnp.full((rows, 1), -jnp.inf, jnp.float32),
           jnp.zeros((rows, 1), jnp.float32),
           jnp.zeros((rows, geo.head_dim), jnp.float32))
-  m, l, acc = walk(r.kv_cnt[0], geo.block_kv // chunk, step, init)
+  m, l, acc = walk(*walk_bounds(r, "kv"), geo.block_kv // chunk, step, init)
   out, lse = tile_math.online_softmax_finish(m, l, acc)
   r.out[...] = out.astype(r.out.dtype)
   r.lse[...] = lse[:, 0]
@@ -333,7 +398,8 @@ def prepare(q, k, v, layout):
 
 
 @_common.numpy_broadcasting
-def forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, *, config=None):
+def forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, *,
+            causal_offset=None, config=None):
   """Forward pass on block-padded inputs.
 
   Args:
@@ -345,6 +411,7 @@ def forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, *, config=None):
     kv_seg: optional int32 [B, S].
     layout: the BlockLayout (blocks must be powers of two >= 16).
     spec: the static MaskSpec.
+    causal_offset: int32 scalar of the causal predicate (when spec.causal).
     config: optional TritonConfig; default: the tuned table or heuristic of
       the head dim and dtype (`config.TritonConfig.heuristic`).
 
@@ -361,7 +428,8 @@ def forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, *, config=None):
   rows = min(cfg.block_q, geo.block_q)
   chunk = min(cfg.block_kv, geo.block_kv)
   b, t, hq, dp = q.shape
-  ops = q_major_operands(q, k, v, bias_k, q_seg, kv_seg, layout, geo, rows)
+  ops = q_major_operands(q, k, v, bias_k, q_seg, kv_seg, layout, spec, geo,
+                         rows, causal_offset)
   outputs = {
       "out": (jax.ShapeDtypeStruct(q.shape, q.dtype),
               pl.BlockSpec((None, rows, None, dp),
@@ -379,10 +447,12 @@ def forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, *, config=None):
 
 @_common.numpy_broadcasting
 def backward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, out, lse, dout,
-             dlse, *, config=None):
+             dlse, *, causal_offset=None, config=None):
   """Gradients (dq, dk, dv, dbias_k or None) of `forward`."""
   # The VJP module builds on this one's helpers, hence the late import.
   # pylint: disable-next=g-import-not-at-top
   from pallas_kernels.block_sparse_attention import pallas_triton_vjp
   return pallas_triton_vjp.backward(q, k, v, bias_k, q_seg, kv_seg, layout,
-                                    spec, out, lse, dout, dlse, config=config)
+                                    spec, out, lse, dout, dlse,
+                                    causal_offset=causal_offset,
+                                    config=config)

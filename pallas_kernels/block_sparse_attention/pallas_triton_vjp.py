@@ -34,6 +34,7 @@ def _dq_kernel(r, *, spec: tile_math.MaskSpec, geo: pallas_triton.Geometry,
   delta = r.delta[...][:, None]
   q_pos = i * rows + jnp.arange(rows, dtype=jnp.int32)[:, None]
   q_seg = r.q_seg[...][:, None] if spec.has_segments else None
+  offset = r.causal_offset[0] if spec.causal else None
 
   def step(j, c, dq):
     kv_block = r.kv_idx[j]
@@ -43,7 +44,7 @@ def _dq_kernel(r, *, spec: tile_math.MaskSpec, geo: pallas_triton.Geometry,
     v = r.v[keys, :]
     bias = r.bias[keys][None, :] if geo.bias_heads else None
 
-    def partial_operands():
+    def mask_operands():
       kv_seg = r.kv_seg[keys][None, :] if spec.has_segments else None
       tile = None
       if spec.has_tiles:
@@ -55,12 +56,17 @@ def _dq_kernel(r, *, spec: tile_math.MaskSpec, geo: pallas_triton.Geometry,
     s = pallas_triton.tile_logits(
         dot_qk, spec, geo, kind=r.kv_kind[j], kv_block=kv_block, q_pos=q_pos,
         kv_pos=start + jnp.arange(chunk, dtype=jnp.int32)[None, :],
-        bias=bias, partial_operands=partial_operands)
+        bias=bias, causal_offset=offset,
+        causal_all=pallas_triton.causal_all(
+            spec, offset, (i * rows, i * rows + rows - 1),
+            (start, start + chunk - 1)),
+        mask_operands=mask_operands)
     dp = pallas_triton.dot(do, v, trans_b=True)
     _, _, ddot = tile_math.backward_tile(dot_qk, s, lse, dp, delta, spec)
     return dq + pallas_triton.dot(ddot.astype(k.dtype), k)
 
-  dq = pallas_triton.walk(r.kv_cnt[0], geo.block_kv // chunk, step,
+  dq = pallas_triton.walk(*pallas_triton.walk_bounds(r, "kv"),
+                          geo.block_kv // chunk, step,
                           jnp.zeros((rows, geo.head_dim), jnp.float32))
   r.dq[...] = dq.astype(r.dq.dtype)
 
@@ -75,6 +81,7 @@ def _dkv_kernel(r, *, spec: tile_math.MaskSpec, geo: pallas_triton.Geometry,
   v = r.v[...]
   kv_pos = i * cols + jnp.arange(cols, dtype=jnp.int32)[None, :]
   kv_seg = r.kv_seg[...][None, :] if spec.has_segments else None
+  offset = r.causal_offset[0] if spec.causal else None
   has_bias = bool(geo.bias_heads)
 
   def head(g, carry):
@@ -94,7 +101,7 @@ def _dkv_kernel(r, *, spec: tile_math.MaskSpec, geo: pallas_triton.Geometry,
       delta = r.delta[g, queries][:, None]
       q_pos = q_start + jnp.arange(chunk, dtype=jnp.int32)[:, None]
 
-      def partial_operands():
+      def mask_operands():
         q_seg = r.q_seg[queries][:, None] if spec.has_segments else None
         tile = None
         if spec.has_tiles:
@@ -107,8 +114,11 @@ def _dkv_kernel(r, *, spec: tile_math.MaskSpec, geo: pallas_triton.Geometry,
       dot_qk = pallas_triton.dot(q, k, trans_b=True)
       s = pallas_triton.tile_logits(
           dot_qk, spec, geo, kind=r.q_kind[gl, j], kv_block=kv_block,
-          q_pos=q_pos, kv_pos=kv_pos, bias=bias,
-          partial_operands=partial_operands)
+          q_pos=q_pos, kv_pos=kv_pos, bias=bias, causal_offset=offset,
+          causal_all=pallas_triton.causal_all(
+              spec, offset, (q_start, q_start + chunk - 1),
+              (i * cols, i * cols + cols - 1)),
+          mask_operands=mask_operands)
       dp = pallas_triton.dot(do, v, trans_b=True)
       p, ds, ddot = tile_math.backward_tile(dot_qk, s, lse, dp, delta, spec)
       dv = dv + pallas_triton.dot(p.astype(do.dtype), do, trans_a=True)
@@ -117,8 +127,8 @@ def _dkv_kernel(r, *, spec: tile_math.MaskSpec, geo: pallas_triton.Geometry,
         db = db + jnp.sum(ds, axis=0)
       return dk, dv, db
 
-    dk, dv, db = pallas_triton.walk(r.q_cnt[gl, 0], geo.block_q // chunk,
-                                    step, carry)
+    dk, dv, db = pallas_triton.walk(*pallas_triton.walk_bounds(r, "q", (gl,)),
+                                    geo.block_q // chunk, step, carry)
     if has_bias and bias_per_group > 1:
       r.dbias[g, :] = db
       db = jnp.zeros_like(db)
@@ -135,12 +145,12 @@ def _dkv_kernel(r, *, spec: tile_math.MaskSpec, geo: pallas_triton.Geometry,
 
 
 def _dq(q, k, v, bias_k, q_seg, kv_seg, layout, spec, geo, do, lse, delta,
-        cfg):
+        causal_offset, cfg):
   rows = min(cfg.dq_block_q, geo.block_q)
   chunk = min(cfg.dq_block_kv, geo.block_kv)
   b, t, hq, d = q.shape
   ops = pallas_triton.q_major_operands(q, k, v, bias_k, q_seg, kv_seg, layout,
-                                       geo, rows)
+                                       spec, geo, rows, causal_offset)
   ops["do"] = (do, ops["q"][1])
   row_spec = pl.BlockSpec((None, None, rows), lambda i, b, h: (b, h, i))
   ops["lse"] = (lse, row_spec)
@@ -156,7 +166,7 @@ def _dq(q, k, v, bias_k, q_seg, kv_seg, layout, spec, geo, do, lse, delta,
 
 
 def _dkv(q, k, v, bias_k, q_seg, kv_seg, layout, spec, geo, do, lse, delta,
-         cfg):
+         causal_offset, cfg):
   cols = min(cfg.dkv_block_kv, geo.block_kv)
   chunk = min(cfg.dkv_block_q, geo.block_q)
   sub = geo.block_kv // cols
@@ -172,12 +182,18 @@ def _dkv(q, k, v, bias_k, q_seg, kv_seg, layout, spec, geo, do, lse, delta,
             0 if geo.layout_heads == 1 else h, lax.div(i, sub), 0)
 
   list_spec = pl.BlockSpec((None, lists_per_group, None, qmax), list_map)
+  bound_spec = pl.BlockSpec((None, lists_per_group, 1),
+                            lambda *idx: list_map(*idx)[:3])
+  start, end = pallas_triton.list_bounds(
+      lt.q_idx, lt.q_cnt, spec, causal_offset, rows_are_q=False,
+      block_q=geo.block_q, block_kv=geo.block_kv)
   ops = {
       "q_idx": (lt.q_idx, list_spec),
-      "q_cnt": (lt.q_cnt, pl.BlockSpec((None, lists_per_group, 1),
-                                       lambda *idx: list_map(*idx)[:3])),
+      "q_end": (end, bound_spec),
       "q_kind": (lt.q_kind, list_spec),
   }
+  if start is not None:
+    ops["q_start"] = (start, bound_spec)
   if layout.tiles is not None:
     ops["tile_idx"] = (lt.tile_idx, list_spec)
     tiles = jnp.asarray(layout.tiles).astype(jnp.int8)
@@ -205,6 +221,8 @@ def _dkv(q, k, v, bias_k, q_seg, kv_seg, layout, spec, geo, do, lse, delta,
     ops["q_seg"] = (q_seg, pl.BlockSpec((None, t), lambda i, b, h: (b, 0)))
     ops["kv_seg"] = (kv_seg, pl.BlockSpec((None, cols),
                                           lambda i, b, h: (b, i)))
+  if causal_offset is not None:
+    ops["causal_offset"] = pallas_triton.causal_offset_operand(causal_offset)
   kernel = functools.partial(_dkv_kernel, spec=spec, geo=geo, cols=cols,
                              chunk=chunk, lists_per_group=lists_per_group,
                              bias_per_group=bias_per_group)
@@ -225,7 +243,7 @@ def _reduce_dbias(dbias, bias_k):
 
 
 def backward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, out, lse, dout,
-             dlse, *, config=None):
+             dlse, *, causal_offset=None, config=None):
   """Gradients of `pallas_triton.forward` on block-padded inputs.
 
   Args:
@@ -234,6 +252,7 @@ def backward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, out, lse, dout,
     lse: f32 [B, N, T] forward log-sum-exp.
     dout: [B, T, N, D] output cotangent.
     dlse: f32 [B, N, T] log-sum-exp cotangent.
+    causal_offset: int32 scalar of the causal predicate (when spec.causal).
     config: optional TritonConfig (default as in `pallas_triton.forward`).
 
   Returns:
@@ -247,7 +266,7 @@ def backward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, out, lse, dout,
   do = pallas_triton.pad_head_dim(dout, q.shape[-1])
   geo = pallas_triton.geometry(q, k, layout, bias_k)
   args = (q, k, v, bias_k, q_seg, kv_seg, layout, spec, geo, do, lse, delta,
-          cfg)
+          causal_offset, cfg)
   dq = _dq(*args)
   dk, dv, dbias = _dkv(*args)
   if dbias is not None:

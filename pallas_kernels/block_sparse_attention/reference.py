@@ -6,8 +6,6 @@ it an independent oracle for the custom VJPs of the real backends.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax.numpy as jnp
 
 from pallas_kernels import _common
@@ -16,30 +14,30 @@ from pallas_kernels.block_sparse_attention import tile_math
 
 
 def visible_mask(layout: layout_lib.BlockLayout, spec: tile_math.MaskSpec,
-                 num_q_heads: int, q_segment_ids=None, kv_segment_ids=None):
-  """bool [B|1, Hq, T, S]: which (query, key) pairs attend."""
+                 num_q_heads: int, q_segment_ids=None, kv_segment_ids=None,
+                 causal_offset=None):
+  """bool [B|1, Hq, T, S]: which (query, key) pairs attend.
+
+  The layout's own masks (FULL blocks, band and tiles inside PARTIAL blocks)
+  decide which elements are listed; the op's predicates (causal, segment
+  ids) then apply to every listed element.
+  """
   t, s = spec.q_len, spec.kv_len
-  full, partial = layout.element_masks(t, s)
+  listed = layout.to_dense_mask(t, s)
   hl = layout.num_heads
   if hl != 1 and hl != num_q_heads:
-    full = jnp.repeat(full, num_q_heads // hl, axis=1)
-    partial = jnp.repeat(partial, num_q_heads // hl, axis=1)
-  # `partial` already holds the layout's band and tiles; the spec's band is
-  # the layout's intersected with the op's causal band, so applying it again
-  # adds exactly the op-level part.
-  outside = dataclasses.replace(spec, has_tiles=False)
-  extra = tile_math.partial_block_mask(
-      jnp.arange(t)[:, None], jnp.arange(s)[None, :], outside,
+    listed = jnp.repeat(listed, num_q_heads // hl, axis=1)
+  op = tile_math.op_mask(
+      jnp.arange(t)[:, None], jnp.arange(s)[None, :], spec,
+      causal_offset=causal_offset,
       q_seg=None if q_segment_ids is None else q_segment_ids[:, None, :, None],
       kv_seg=None if kv_segment_ids is None else kv_segment_ids[:, None, None])
-  if extra is not None:
-    partial = partial & extra
-  return full | partial
+  return listed if op is None else listed & op
 
 
 @_common.numpy_broadcasting
 def attention(q, k, v, layout, spec: tile_math.MaskSpec, *, bias_k=None,
-              q_segment_ids=None, kv_segment_ids=None):
+              q_segment_ids=None, kv_segment_ids=None, causal_offset=None):
   """Dense block-sparse attention. Shapes as `block_sparse_attention`.
 
   Returns:
@@ -59,7 +57,7 @@ def attention(q, k, v, layout, spec: tile_math.MaskSpec, *, bias_k=None,
     bias = bias[:, :, None, :]
   s = tile_math.logits(dot, spec, bias)
   mask = visible_mask(layout, spec, num_q_heads, q_segment_ids,
-                      kv_segment_ids)
+                      kv_segment_ids, causal_offset)
   s = jnp.where(mask, s, -jnp.inf)
   p, l, lse = tile_math.softmax_stats(s, axes=-1)
   probs = tile_math.normalise(p, l).astype(v.dtype)

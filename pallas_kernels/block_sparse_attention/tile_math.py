@@ -12,23 +12,32 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from pallas_kernels import _common
 from pallas_kernels import layout as layout_lib
 
 
 @dataclasses.dataclass(frozen=True)
 class MaskSpec:
-  """Static description of what partial blocks mask and how logits are made.
+  """Static description of the element masks and of how logits are made.
+
+  Two kinds of predicates exist. The layout's own (its band and tile pool)
+  refine PARTIAL blocks only: a FULL block is, by the layout, visible
+  everywhere. The op's own (`causal` and segment ids) apply to every listed
+  element, whatever the block kind; kernels decide per tile with a scalar
+  test whether they cut it.
 
   Attributes:
     q_len: true number of queries T (before padding to the block size).
     kv_len: true number of keys S; keys at or past it are masked.
     kv_len_padded: S rounded up to the kv block size.
-    band: positional predicate on kv_pos - q_pos (layout's band intersected
-      with the op's causal band), or None.
-    has_segments: whether segment ids are compared.
-    has_tiles: whether the layout carries a tile pool.
+    band: the layout's positional predicate on kv_pos - q_pos inside partial
+      blocks, or None.
+    has_segments: whether segment ids are compared (every block).
+    has_tiles: whether the layout carries a tile pool (partial blocks).
     sm_scale: multiplier of q.k.
     softcap: logit soft-cap c (s -> c * tanh(s / c)), or None.
+    causal: whether the op's causal predicate kv_pos - q_pos <= offset
+      applies (every block); the offset is a run-time int32 scalar.
   """
 
   q_len: int
@@ -39,11 +48,17 @@ class MaskSpec:
   has_tiles: bool
   sm_scale: float
   softcap: float | None
+  causal: bool = False
 
   @property
-  def partial_needs_mask(self) -> bool:
-    """False when partial blocks would mask nothing (then kinds don't matter)."""
-    return self.band is not None or self.has_segments or self.has_tiles
+  def has_layout_mask(self) -> bool:
+    """Whether partial blocks mask anything by the layout's own predicate."""
+    return self.band is not None or self.has_tiles
+
+  @property
+  def has_op_mask(self) -> bool:
+    """Whether the op's predicates (causal, segments) may mask any block."""
+    return self.causal or self.has_segments
 
   @property
   def kv_is_ragged(self) -> bool:
@@ -69,23 +84,8 @@ def dot_cotangent(ds, dot, spec: MaskSpec):
   return ds * spec.sm_scale
 
 
-def partial_block_mask(q_pos, kv_pos, spec: MaskSpec, *, q_seg=None,
-                       kv_seg=None, tile=None):
-  """Element visibility inside a partial block, or None when all visible.
-
-  Args:
-    q_pos: int query positions, broadcastable to the tile.
-    kv_pos: int key positions, broadcastable to the tile.
-    spec: the static mask description.
-    q_seg: query segment ids (when spec.has_segments).
-    kv_seg: key segment ids (when spec.has_segments).
-    tile: bool tile from the pool (when spec.has_tiles).
-  """
-  masks = [layout_lib.band_mask(q_pos, kv_pos, spec.band)]
-  if spec.has_segments:
-    masks.append(q_seg == kv_seg)
-  if spec.has_tiles:
-    masks.append(tile)
+def _all(masks):
+  """Conjunction of the non-None masks, or None when there are none."""
   mask = None
   for m in masks:
     if m is not None:
@@ -93,9 +93,113 @@ def partial_block_mask(q_pos, kv_pos, spec: MaskSpec, *, q_seg=None,
   return mask
 
 
+def layout_mask(q_pos, kv_pos, spec: MaskSpec, *, tile=None):
+  """The layout's element predicate inside a partial block, or None.
+
+  Args:
+    q_pos: int query positions, broadcastable to the tile.
+    kv_pos: int key positions, broadcastable to the tile.
+    spec: the static mask description.
+    tile: bool tile from the pool (when spec.has_tiles).
+  """
+  return _all([layout_lib.band_mask(q_pos, kv_pos, spec.band),
+               tile if spec.has_tiles else None])
+
+
+def op_mask(q_pos, kv_pos, spec: MaskSpec, *, causal_offset=None, q_seg=None,
+            kv_seg=None):
+  """The op's element predicate (every block), or None when it has none.
+
+  Args:
+    q_pos: int query positions, broadcastable to the tile.
+    kv_pos: int key positions, broadcastable to the tile.
+    spec: the static mask description.
+    causal_offset: int32 scalar shift of the causal diagonal (spec.causal).
+    q_seg: query segment ids (when spec.has_segments).
+    kv_seg: key segment ids (when spec.has_segments).
+  """
+  return _all([kv_pos - q_pos <= causal_offset if spec.causal else None,
+               q_seg == kv_seg if spec.has_segments else None])
+
+
 def padding_mask(kv_pos, spec: MaskSpec):
   """Masks the padding keys of the last kv block (any kind), or None."""
   return kv_pos < spec.kv_len if spec.kv_is_ragged else None
+
+
+def element_mask(q_pos, kv_pos, spec: MaskSpec, *, full, causal_offset=None,
+                 q_seg=None, kv_seg=None, tile=None):
+  """Visibility of the elements of listed blocks, or None when all visible.
+
+  An element is visible when the key is not padding, the op's predicates
+  hold, and the block is FULL or the layout's predicate holds.
+
+  Args:
+    q_pos: int query positions, broadcastable to the tile.
+    kv_pos: int key positions, broadcastable to the tile.
+    spec: the static mask description.
+    full: bool (scalar or broadcastable): the block is FULL.
+    causal_offset: int32 scalar (when spec.causal).
+    q_seg: query segment ids (when spec.has_segments).
+    kv_seg: key segment ids (when spec.has_segments).
+    tile: bool tile from the pool (when spec.has_tiles).
+  """
+  partial = layout_mask(q_pos, kv_pos, spec, tile=tile)
+  return _all([
+      padding_mask(kv_pos, spec),
+      op_mask(q_pos, kv_pos, spec, causal_offset=causal_offset, q_seg=q_seg,
+              kv_seg=kv_seg),
+      None if partial is None else partial | full,
+  ])
+
+
+def causal_tile_test(q_first, q_last, kv_first, kv_last, causal_offset):
+  """(any, all): does kv - q <= offset hold somewhere / everywhere in a tile.
+
+  The tile spans query positions [q_first, q_last] and key positions
+  [kv_first, kv_last]; a tile with `any` False can be skipped, one with
+  `all` True needs no causal mask.
+  """
+  return (kv_first - q_last <= causal_offset,
+          kv_last - q_first <= causal_offset)
+
+
+@_common.numpy_broadcasting
+def causal_hidden_blocks(idx, causal_offset, *, rows_are_q: bool,
+                         block_q: int, block_kv: int):
+  """bool [..., R, W]: entries of block lists wholly above the diagonal.
+
+  `idx` [..., R, W] lists, per row, kv blocks of query block `row` (forward
+  lists) or, with `rows_are_q=False`, query blocks of kv block `row`
+  (transposed lists).
+  """
+  row = jnp.arange(idx.shape[-2], dtype=jnp.int32)[:, None]
+  q_block, kv_block = (row, idx) if rows_are_q else (idx, row)
+  visible, _ = causal_tile_test(
+      q_block * block_q, q_block * block_q + block_q - 1,
+      kv_block * block_kv, kv_block * block_kv + block_kv - 1, causal_offset)
+  return jnp.logical_not(visible)
+
+
+def needs_mask(spec: MaskSpec, *, is_partial, is_last_kv_block, causal_all):
+  """Whether a listed tile takes the masked path: a Python or traced bool.
+
+  Args:
+    spec: the static mask description.
+    is_partial: bool scalar: the layout marks the block PARTIAL.
+    is_last_kv_block: bool scalar: the tile holds the last kv block.
+    causal_all: bool scalar from `causal_tile_test` (when spec.causal).
+  """
+  if spec.has_segments:
+    return True
+  need = False
+  if spec.has_layout_mask:
+    need = need | is_partial
+  if spec.kv_is_ragged:
+    need = need | is_last_kv_block
+  if spec.causal:
+    need = need | jnp.logical_not(causal_all)
+  return need
 
 
 def softmax_stats(s, axes):
@@ -106,22 +210,34 @@ def softmax_stats(s, axes):
     l: their sum (keepdims), 0 for rows with nothing visible.
     lse: log-sum-exp (keepdims), -inf for rows with nothing visible.
   """
-  m = jnp.max(s, axis=axes, keepdims=True)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
+  m = _shift(jnp.max(s, axis=axes, keepdims=True))
   p = jnp.exp(s - m)
   l = jnp.sum(p, axis=axes, keepdims=True)
-  lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), -jnp.inf)
-  return p, l, lse
+  return p, l, _log_sum_exp(m, l)
+
+
+# Only "nothing visible" is guarded (max exactly -inf, sum exactly 0); NaN or
+# +inf inputs are left to propagate into the row's output and lse.
+def _shift(m):
+  """The row max to subtract: 0 for rows with nothing visible (m = -inf)."""
+  return jnp.where(m == -jnp.inf, 0.0, m)
+
+
+def _log_sum_exp(shift, l):
+  """shift + log(l), -inf for rows with nothing visible (l = 0)."""
+  empty = l == 0
+  return jnp.where(empty, -jnp.inf, shift + jnp.log(jnp.where(empty, 1.0, l)))
 
 
 def normalise(acc, l):
-  """acc / l with 0 (never NaN) for rows that saw no key."""
-  return jnp.where(l > 0, acc / jnp.where(l > 0, l, 1.0), 0.0)
+  """acc / l, 0 for rows that saw no key (l = 0); NaN rows stay NaN."""
+  empty = l == 0
+  return jnp.where(empty, 0.0, acc / jnp.where(empty, 1.0, l))
 
 
 def probabilities(s, lse):
   """Normalised probabilities recomputed from the saved log-sum-exp."""
-  return jnp.exp(s - jnp.where(jnp.isfinite(lse), lse, 0.0))
+  return jnp.exp(s - _shift(lse))
 
 
 def logits_cotangent(p, dp, delta):
@@ -151,7 +267,7 @@ def online_softmax_update(m_prev, l_prev, s):
   m = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))
   # A row with nothing visible so far keeps m = -inf; shifting by 0 instead
   # makes alpha = p = 0 there rather than NaN from (-inf) - (-inf).
-  shift = jnp.where(m == -jnp.inf, 0.0, m)
+  shift = _shift(m)
   alpha = jnp.exp(m_prev - shift)
   p = jnp.exp(s - shift)
   l = alpha * l_prev + jnp.sum(p, axis=-1, keepdims=True)
@@ -161,11 +277,10 @@ def online_softmax_update(m_prev, l_prev, s):
 def online_softmax_finish(m, l, acc):
   """Output and log-sum-exp [..., R, 1] from the final streaming state.
 
-  Rows that saw no key (l = 0) give output 0 and log-sum-exp -inf.
+  Rows that saw no key (l = 0) give output 0 and log-sum-exp -inf; a NaN
+  (or +inf logit) seen by a row gives NaN there.
   """
-  seen = l > 0
-  lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
-  return normalise(acc, l), lse
+  return normalise(acc, l), _log_sum_exp(_shift(m), l)
 
 
 def backward_tile(dot, s, lse, dp, delta, spec: MaskSpec):

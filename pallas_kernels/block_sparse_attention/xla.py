@@ -21,6 +21,8 @@ from pallas_kernels import layout as layout_lib
 from pallas_kernels.block_sparse_attention import tile_math
 
 NAME = "xla"
+# Its backward is plain jnp, so it can be differentiated again.
+SECOND_ORDER = True
 
 
 def unavailable_reason(platform: str, interpret: bool) -> str | None:
@@ -99,7 +101,33 @@ class _Gathered:
   visible: object  # bool, broadcastable to [B, L, G, Q, I, J, K]
 
 
-def _gather(q, k, v, bias_k, q_seg, kv_seg, layout, spec, geo):
+def _element_mask(layout, spec, geo, shape, kv_pos, q_seg, kv_seg,
+                  causal_offset):
+  """bool [B|1, L|1, 1, Q, I, J, K] element visibility, or None."""
+  if not (spec.has_layout_mask or spec.has_op_mask or spec.kv_is_ragged):
+    return None
+  b = shape[0]
+  q_pos = (jnp.arange(geo.num_q_blocks)[:, None] * geo.block_q
+           + jnp.arange(geo.block_q))[:, :, None, None]
+  kv_pos = kv_pos[:, :, None, :, None]
+  q_seg_e = kv_seg_e = tile = None
+  if spec.has_segments:
+    q_seg_e = q_seg.reshape(b, 1, 1, geo.num_q_blocks, geo.block_q, 1, 1)
+    kv_seg_e = kv_seg[jnp.arange(b)[:, None, None, None, None, None, None],
+                      kv_pos]
+  if spec.has_tiles:
+    tile_idx = jnp.broadcast_to(layout.tile_idx, shape)
+    tile = jnp.where(tile_idx[..., None, None] >= 0,
+                     jnp.asarray(layout.tiles)[jnp.maximum(tile_idx, 0)], True)
+    tile = tile.transpose(0, 1, 2, 4, 3, 5)[:, :, None]  # [B,L,1,Q,I,J,K]
+  full = jnp.broadcast_to(layout.kv_kind, shape) == layout_lib.FULL
+  return tile_math.element_mask(
+      q_pos, kv_pos, spec, full=full[:, :, None, :, None, :, None],
+      causal_offset=causal_offset, q_seg=q_seg_e, kv_seg=kv_seg_e, tile=tile)
+
+
+def _gather(q, k, v, bias_k, q_seg, kv_seg, layout, spec, geo,
+            causal_offset):
   b, s, hkv, d = k.shape
   shape = (b, geo.layout_heads, geo.num_q_blocks, layout.max_kv_blocks)
   kv_idx = jnp.broadcast_to(layout.kv_idx, shape)
@@ -114,27 +142,10 @@ def _gather(q, k, v, bias_k, q_seg, kv_seg, layout, spec, geo):
 
   slot = jnp.arange(layout.max_kv_blocks)
   visible = (slot < kv_cnt[..., None])[:, :, None, :, None, :, None]
-  if spec.partial_needs_mask:
-    q_pos = (jnp.arange(geo.num_q_blocks)[:, None] * geo.block_q
-             + jnp.arange(geo.block_q))[:, :, None, None]
-    kv_pos_e = kv_pos[:, :, None, :, None]
-    q_seg_e = kv_seg_e = tile = None
-    if spec.has_segments:
-      q_seg_e = q_seg.reshape(b, 1, 1, geo.num_q_blocks, geo.block_q, 1, 1)
-      kv_seg_e = kv_seg[batch_ix[..., None], kv_pos][:, :, None, :, None]
-    if spec.has_tiles:
-      tile_idx = jnp.broadcast_to(layout.tile_idx, shape)
-      tile = jnp.where(tile_idx[..., None, None] >= 0,
-                       jnp.asarray(layout.tiles)[jnp.maximum(tile_idx, 0)], True)
-      tile = tile.transpose(0, 1, 2, 4, 3, 5)[:, :, None]  # [B,L,1,Q,I,J,K]
-    mask = tile_math.partial_block_mask(q_pos, kv_pos_e, spec, q_seg=q_seg_e,
-                                        kv_seg=kv_seg_e, tile=tile)
-    kind = jnp.broadcast_to(layout.kv_kind, shape)
-    full = (kind == layout_lib.FULL)[:, :, None, :, None, :, None]
-    visible = visible & (full | mask)
-  if spec.kv_is_ragged:
-    visible = visible & tile_math.padding_mask(
-        kv_pos[:, :, None, :, None], spec)
+  mask = _element_mask(layout, spec, geo, shape, kv_pos, q_seg, kv_seg,
+                       causal_offset)
+  if mask is not None:
+    visible = visible & mask
 
   bias_index = bias = None
   if bias_k is not None:
@@ -165,10 +176,16 @@ def _logits(g: _Gathered, spec):
 
 
 @_common.numpy_broadcasting
-def forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec):
-  """Returns out [B, T, Hq, D] and lse f32 [B, Hq, T] on padded inputs."""
+def forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, *,
+            causal_offset=None):
+  """Returns out [B, T, Hq, D] and lse f32 [B, Hq, T] on padded inputs.
+
+  `causal_offset` is the int32 scalar of the op's causal predicate (used
+  when spec.causal).
+  """
   geo = _geometry(q, k, layout)
-  g = _gather(q, k, v, bias_k, q_seg, kv_seg, layout, spec, geo)
+  g = _gather(q, k, v, bias_k, q_seg, kv_seg, layout, spec, geo,
+              causal_offset)
   _, s = _logits(g, spec)
   p, l, lse = tile_math.softmax_stats(s, axes=(-2, -1))
   probs = tile_math.normalise(p, l).astype(v.dtype)
@@ -179,13 +196,14 @@ def forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec):
 
 @_common.numpy_broadcasting
 def backward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, out, lse, dout,
-             dlse):
+             dlse, *, causal_offset=None):
   """Gradients (dq, dk, dv, dbias_k) of the forward pass.
 
   `dlse` f32 [B, Hq, T] is the cotangent of the returned log-sum-exp.
   """
   geo = _geometry(q, k, layout)
-  g = _gather(q, k, v, bias_k, q_seg, kv_seg, layout, spec, geo)
+  g = _gather(q, k, v, bias_k, q_seg, kv_seg, layout, spec, geo,
+              causal_offset)
   dot, s = _logits(g, spec)
   probs = tile_math.probabilities(s, _row_stat_blocks(lse, geo))
   do = _to_blocks(dout, geo)

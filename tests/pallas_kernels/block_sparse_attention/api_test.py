@@ -90,6 +90,67 @@ class ArgumentErrorTest(parameterized.TestCase):
   def test_softcap(self):
     self.assert_error("softcap must be > 0", *inputs(), layout(), softcap=0.0)
 
+  @parameterized.parameters(
+      (dict(q=jnp.int32), "q must have a float dtype"),
+      (dict(k=jnp.bool_), "k must have a float dtype"),
+      (dict(q=jnp.bfloat16), "k and v must have q's dtype bfloat16"),
+      (dict(v=jnp.float16), "k and v must have q's dtype float32"))
+  def test_dtypes(self, dtypes, pattern):
+    args = [x.astype(dtypes.get(name, x.dtype))
+            for name, x in zip("qkv", inputs())]
+    self.assert_error(pattern, *args, layout())
+
+  @parameterized.parameters(
+      (dict(sm_scale=float("nan")), "sm_scale must be finite"),
+      (dict(sm_scale=jnp.inf), "sm_scale must be finite"),
+      (dict(softcap=float("inf")), "softcap must be finite"),
+      (dict(sm_scale=jnp.ones(2)), "sm_scale must be a real scalar"),
+      (dict(causal=True, causal_offset=0.5),
+       "causal_offset must be an integer scalar"))
+  def test_scalars(self, kwargs, pattern):
+    self.assert_error(pattern, *inputs(), layout(), **kwargs)
+
+  @parameterized.parameters(
+      (0, T, S, HKV, D, r"q must be \[B, T, Hq, D\] with every size >= 1"),
+      (B, 0, S, HKV, D, r"q must be \[B, T, Hq, D\] with every size >= 1"),
+      (B, T, 0, HKV, D, r"k must be \[B, S, Hkv, D\] with every size >= 1"),
+      (B, T, S, 0, D, r"k must be \[B, S, Hkv, D\] with every size >= 1"),
+      (B, T, S, HKV, 0, r"q must be \[B, T, Hq, D\] with every size >= 1"))
+  def test_zero_sizes(self, b, t, s, hkv, d, pattern):
+    q = jnp.zeros((b, t, HQ, d))
+    k = jnp.zeros((b, s, hkv, d))
+    self.assert_error(pattern, q, k, k, layout())
+
+  def test_zero_block_size(self):
+    lay = layout()
+    bad = BlockLayout(lay.kv_idx, lay.kv_cnt, lay.kv_kind, block_q=0,
+                      block_kv=32, num_kv_blocks=3)
+    self.assert_error(r"layout.block_q must be >= 1, got 0", *inputs(), bad)
+
+  def test_float_segment_ids(self):
+    q, k, v = inputs()
+    self.assert_error(
+        "q_segment_ids must have an integer dtype, got float32", q, k, v,
+        layout(), q_segment_ids=jnp.full((B, T), 0.5),
+        kv_segment_ids=jnp.zeros((B, S), jnp.int32))
+
+  def test_static_only_arguments_raise_when_traced(self):
+    q, k, v = inputs()
+    for kwarg, pattern in (("softcap", "softcap must be a static"),
+                           ("causal", "causal must be a static Python bool")):
+      fn = jax.jit(lambda x, kwarg=kwarg: block_sparse_attention(
+          q, k, v, layout(), **{kwarg: x}))
+      with self.assertRaisesRegex(ValueError, pattern):
+        fn.trace(jnp.float32(1.0))
+
+  def test_list_inputs_are_arrays(self):
+    q, k, v = inputs()
+    q = q.at[:, :, :, 0].set(1.0)
+    want = block_sparse_attention(q, k, v, layout())
+    got = block_sparse_attention(q.tolist(), k.tolist(), v.tolist(),
+                                 layout())
+    np.testing.assert_array_equal(got, want)
+
   def test_errors_come_before_any_work(self):
     # Shape errors are raised at trace time: jit never compiles anything.
     q, k, v = inputs()

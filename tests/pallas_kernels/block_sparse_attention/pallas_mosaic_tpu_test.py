@@ -6,6 +6,7 @@ and gradients, f32/bf16, GQA, per-batch/per-head layouts, bias, segments,
 tiles, causal, empty rows and ragged sizes.
 """
 
+import dataclasses
 import functools
 import math
 
@@ -99,6 +100,34 @@ def _padded_problem(b, t, s, hq, hkv, d, *, bias_shape=None, causal=False):
       has_segments=False, has_tiles=False, sm_scale=1 / math.sqrt(d),
       softcap=None)
   return q, k, v, bias, spec
+
+
+class StepListTest(absltest.TestCase):
+  """Slots the causal diagonal hides are skipped and cost no DMA."""
+
+  def test_causal_slots_are_skipped_and_hold_the_previous_block(self):
+    layout = BlockLayout.dense(128, 128, block_q=32, block_kv=32)
+    lt = layout.transpose()
+    spec = _padded_problem(1, 128, 128, 1, 1, 8)[-1]
+    spec = dataclasses.replace(spec, causal=True)
+    i, j = np.arange(4)[:, None], np.arange(4)[None, :]
+
+    def lists(idx, cnt, kind, rows_are_q):
+      with jax.numpy_rank_promotion("allow"):
+        out = pallas_mosaic_tpu._layout_lists(
+            layout, spec, jnp.int32(0), idx, cnt, kind, None,
+            rows_are_q=rows_are_q)
+      return (np.asarray(out.block).reshape(4, 4),
+              np.asarray(out.code).reshape(4, 4))
+
+    # Forward: q block i sees kv blocks 0..i; later slots fetch block i.
+    block, code = lists(layout.kv_idx, layout.kv_cnt, layout.kv_kind, True)
+    np.testing.assert_array_equal(code, np.where(j <= i, 2, 0))
+    np.testing.assert_array_equal(block, np.minimum(j, i))
+    # Transposed: kv block i is seen by q blocks i..3; earlier slots fetch i.
+    block, code = lists(lt.q_idx, lt.q_cnt, lt.q_kind, False)
+    np.testing.assert_array_equal(code, np.where(j >= i, 2, 0))
+    np.testing.assert_array_equal(block, np.maximum(j, i))
 
 
 class SmemBudgetTest(parameterized.TestCase):
@@ -243,14 +272,15 @@ class LoweringTest(parameterized.TestCase):
                         layout.num_kv_blocks)
     spec = tile_math.MaskSpec(
         q_len=t, kv_len=t, kv_len_padded=t, band=(None, 0), has_segments=True,
-        has_tiles=True, sm_scale=head_dim ** -0.5, softcap=None)
+        has_tiles=True, sm_scale=head_dim ** -0.5, softcap=None, causal=True)
+    offset = jnp.int32(0)
     cfg = config_lib.MosaicTpuConfig(block_kv_compute=compute)
     x = jax.ShapeDtypeStruct((b, t, hq, head_dim), dtype)
     kv = jax.ShapeDtypeStruct((b, t, hkv, head_dim), dtype)
     bias = jax.ShapeDtypeStruct((1, hq, t), jnp.float32)
     seg = jax.ShapeDtypeStruct((b, t), jnp.int32)
     fwd = functools.partial(pallas_mosaic_tpu.forward, layout=tiled,
-                            spec=spec, config=cfg)
+                            spec=spec, causal_offset=offset, config=cfg)
 
     def forward(q, k, v, bias, seg):
       return fwd(q, k, v, bias, seg, seg)
@@ -258,7 +288,8 @@ class LoweringTest(parameterized.TestCase):
     def forward_backward(q, k, v, bias, seg):
       out, lse = forward(q, k, v, bias, seg)
       return pallas_mosaic_tpu.backward(q, k, v, bias, seg, seg, tiled, spec,
-                                        out, lse, out, lse, config=cfg)
+                                        out, lse, out, lse,
+                                        causal_offset=offset, config=cfg)
 
     # interpret=None: lowering for TPU picks the Mosaic kernels.
     for fn, kernels in ((forward, 1), (forward_backward, 3)):

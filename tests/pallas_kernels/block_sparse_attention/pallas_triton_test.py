@@ -14,6 +14,7 @@ from pallas_kernels import BlockLayout
 from pallas_kernels.block_sparse_attention import api
 from pallas_kernels.block_sparse_attention import config
 from pallas_kernels.block_sparse_attention import pallas_triton
+from pallas_kernels.block_sparse_attention import tile_math
 from tests.pallas_kernels.block_sparse_attention import test_base
 
 _H100 = jax.sharding.AbstractDevice(
@@ -94,6 +95,49 @@ class PallasTritonTest(test_base.BlockSparseAttentionTestBase):
       self.assert_matches_reference(q, k, v, layout, bias_k=bias,
                                     q_segment_ids=seg, kv_segment_ids=kv_seg,
                                     causal=True)
+
+  def test_causal_walk_bounds(self):
+    # Dense lists with causal: each q block walks kv blocks [0, i]; each kv
+    # block's transposed list walks q blocks [j, Qb). Offset -32 hides one
+    # more block per row.
+    layout = BlockLayout.dense(128, 128, block_q=32, block_kv=32)
+    spec = tile_math.MaskSpec(q_len=128, kv_len=128, kv_len_padded=128,
+                              band=None, has_segments=False, has_tiles=False,
+                              sm_scale=1.0, softcap=None, causal=True)
+    lt = layout.transpose()
+    for offset, shift in ((0, 0), (-32, 1)):
+      bounds = lambda idx, cnt, rows_are_q: pallas_triton.list_bounds(
+          idx, cnt, spec, jnp.int32(offset), rows_are_q=rows_are_q,
+          block_q=32, block_kv=32)
+      start, end = bounds(layout.kv_idx, layout.kv_cnt, True)
+      np.testing.assert_array_equal(start[0, 0], 0)
+      np.testing.assert_array_equal(end[0, 0],
+                                    np.maximum(np.arange(1, 5) - shift, 0))
+      first = np.arange(4) + shift  # first q block seeing kv block j
+      start, end = bounds(lt.q_idx, lt.q_cnt, False)
+      np.testing.assert_array_equal(start[0, 0], np.where(first < 4, first, 0))
+      np.testing.assert_array_equal(end[0, 0], np.where(first < 4, 4, 0))
+
+  def test_causal_layouts_cost_no_more_with_causal(self):
+    # BlockLayout.causal with causal=True: the walk keeps every listed block
+    # and the diagonal leaves every FULL block whole (no masked path).
+    layout = BlockLayout.causal(200, block_q=32, block_kv=32)
+    spec = tile_math.MaskSpec(q_len=200, kv_len=200, kv_len_padded=224,
+                              band=layout.band, has_segments=False,
+                              has_tiles=False, sm_scale=1.0, softcap=None,
+                              causal=True)
+    start, end = pallas_triton.list_bounds(
+        layout.kv_idx, layout.kv_cnt, spec, jnp.int32(0), rows_are_q=True,
+        block_q=32, block_kv=32)
+    np.testing.assert_array_equal(start, 0)
+    np.testing.assert_array_equal(end, layout.kv_cnt)
+    idx = np.asarray(layout.kv_idx)
+    full = (np.arange(idx.shape[-1]) < np.asarray(layout.kv_cnt)[..., None]
+            ) & (np.asarray(layout.kv_kind) == 2)
+    q_first = np.arange(idx.shape[2])[:, None] * 32
+    _, whole = tile_math.causal_tile_test(q_first, q_first + 31, idx * 32,
+                                          idx * 32 + 31, 0)
+    self.assertTrue(np.asarray(whole)[full].all())
 
   def test_block_size_must_be_power_of_two(self):
     q, k, v = test_base.random_qkv(0, 1, 48, 48, 1, 1, 16)

@@ -43,7 +43,8 @@ class ReferenceTest(absltest.TestCase):
     full, partial = (np.asarray(m) for m in lay.element_masks(t, s))
     causal = np.tril(np.ones((t, s), bool))
     same_seg = seg_q[:, None, :, None] == seg_kv[:, None, None, :]
-    mask = full | (partial & causal & same_seg)
+    # The op's masks (causal, segments) apply to full blocks too.
+    mask = (full | partial) & causal & same_seg
     bias_q = np.repeat(bias, hq // hkv, axis=1)
     want = numpy_attention(q, k, v, mask, bias_q, d ** -0.5)
     np.testing.assert_allclose(out, want, atol=1e-5)

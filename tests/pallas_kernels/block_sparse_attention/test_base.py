@@ -6,6 +6,7 @@ IMPLEMENTATION (and INTERPRET for Pallas backends on CPU).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 from absl.testing import parameterized
@@ -18,6 +19,7 @@ import numpy as np
 
 from pallas_kernels import BlockLayout
 from pallas_kernels import block_sparse_attention
+from pallas_kernels.block_sparse_attention import api
 from tests import tolerances
 
 
@@ -275,3 +277,154 @@ class BlockSparseAttentionTestBase(parameterized.TestCase):
     q, k, v = random_qkv(seed, 1, t, s, 2 * group, 2, 8)
     layout = random_layout(seed, 1, 2, t, s, block_q, block_kv, density=0.6)
     self.assert_matches_reference(q, k, v, layout, causal=causal)
+
+  # -- op semantics: masks on every block, NaN, traced arguments -------------
+
+  def test_dense_layout_causal_equals_dot_product_attention(self):
+    # The op's causal mask applies to FULL blocks too (ragged T, GQA).
+    t, hq, hkv = 72, 4, 2
+    q, k, v = random_qkv(21, 1, t, t, hq, hkv, 16)
+    layout = BlockLayout.dense(t, t, block_q=32, block_kv=32)
+    out = self.attention(q, k, v, layout, causal=True)
+    want = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    chex.assert_trees_all_close(out, want, atol=tolerances.atol(q.dtype))
+
+  def test_dense_layout_packed_segments(self):
+    # Segment ids apply to FULL blocks too: packed documents, dense layout.
+    t = 80
+    q, k, v = random_qkv(22, 1, t, t, 2, 2, 16)
+    seg = np.repeat(np.arange(4), [30, 5, 25, 20])[None].astype(np.int32)
+    layout = BlockLayout.dense(t, t, block_q=32, block_kv=32)
+    out = self.attention(q, k, v, layout, q_segment_ids=seg,
+                         kv_segment_ids=seg)
+    mask = jnp.asarray(seg[:, None, :, None] == seg[:, None, None, :])
+    want = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    chex.assert_trees_all_close(out, want, atol=tolerances.atol(q.dtype))
+    self.assert_matches_reference(q, k, v, layout, q_segment_ids=seg,
+                                  kv_segment_ids=seg)
+
+  def test_full_blocks_straddling_the_diagonal(self):
+    # Every listed block is FULL; the diagonal cuts some, hides others.
+    q, k, v = random_qkv(23, 1, 96, 96, 2, 1, 16)
+    layout = random_layout(24, 1, 1, 96, 96, 32, 32, density=0.8,
+                           full_fraction=1.0)
+    self.assert_matches_reference(q, k, v, layout, causal=True,
+                                  causal_offset=-8)
+
+  @parameterized.parameters(("q", np.nan), ("k", np.nan), ("v", np.nan),
+                            ("bias_k", np.nan), ("q", np.inf))
+  def test_nan_propagates_and_differs_from_empty_rows(self, where, value):
+    # Dense layout, causal offset -8: rows 0..7 see no key (0, -inf). A bad
+    # query (row 40) or key (position 20, seen by rows >= 28) gives NaN in
+    # exactly the rows that see it. A NaN value also reaches rows whose tiles
+    # hold it with probability 0 (0 * NaN), as in dense attention.
+    t, offset = 64, -8
+    q, k, v = random_qkv(25, 1, t, t, 2, 2, 16)
+    inputs = dict(q=q, k=k, v=v, bias_k=jnp.zeros((1, 1, t)))
+    if where == "q":
+      inputs["q"] = q.at[0, 40, 0, 3].set(value)
+    elif where == "bias_k":
+      inputs["bias_k"] = inputs["bias_k"].at[0, 0, 20].set(value)
+    else:
+      inputs[where] = inputs[where].at[0, 20, 0, 3].set(value)
+    layout = BlockLayout.dense(t, t, block_q=32, block_kv=32)
+    out, lse = self.attention(
+        inputs["q"], inputs["k"], inputs["v"], layout,
+        bias_k=inputs["bias_k"], causal=True, causal_offset=offset,
+        return_lse=True)
+    out, lse = np.asarray(out), np.asarray(lse)
+    rows = np.arange(t)
+    if where == "q":
+      bad = (rows == 40)[:, None] & (np.arange(2) == 0)
+    else:  # key 20 is seen by rows >= 28 of the heads reading kv head 0
+      bad = (rows >= 20 - offset)[:, None] & (
+          (np.arange(2) == 0) | (where == "bias_k"))
+    nan_rows = np.isnan(out).any(-1)[0]
+    if where == "v":
+      self.assertTrue(nan_rows[bad].all())
+      self.assertFalse(np.isnan(lse).any())
+      return
+    np.testing.assert_array_equal(nan_rows, bad)
+    np.testing.assert_array_equal(np.isnan(lse)[0].T, bad)
+    empty = rows < -offset
+    np.testing.assert_array_equal(out[0, empty], 0.0)
+    self.assertTrue(np.isneginf(lse[0][:, empty]).all())
+
+  def _traced_layout_attention(self, idx, cnt, kind, num_kv_blocks, *args,
+                               **kwargs):
+    """Runs the op under jit with the layout lists as traced arguments."""
+
+    @jax.jit
+    def run(idx, cnt, kind, *args):
+      layout = BlockLayout(idx, cnt, kind, block_q=32, block_kv=32,
+                           num_kv_blocks=num_kv_blocks)
+      return self.attention(*args, layout, **kwargs)
+
+    return run(idx, cnt, kind, *args)
+
+  def test_traced_counts_are_clamped(self):
+    q, k, v = random_qkv(26, 1, 96, 96, 2, 2, 16)
+    host = random_layout(27, 1, 1, 96, 96, 32, 32, density=0.7)
+    kmax = host.max_kv_blocks
+    cnt = np.array(host.kv_cnt)
+    cnt[0, 0, 0], cnt[0, 0, 1] = kmax + 3, -2
+    out = self._traced_layout_attention(host.kv_idx, cnt, host.kv_kind, 3,
+                                        q, k, v, causal=True)
+    clamped = dataclasses.replace(host, kv_cnt=np.clip(cnt, 0, kmax))
+    want = self.reference(q, k, v, clamped, causal=True)
+    chex.assert_trees_all_close(out, want, atol=tolerances.atol(q.dtype))
+    np.testing.assert_array_equal(np.asarray(out)[:, 32:64], 0.0)
+
+  def test_traced_repeated_ids_count_once(self):
+    q, k, v = random_qkv(28, 1, 64, 64, 2, 1, 16)
+    idx = np.array([[[[0, 0, 1], [1, 1, 1]]]], np.int32)
+    cnt = np.array([[[3, 2]]], np.int32)
+    kind = np.array([[[[2, 1, 1], [1, 2, 0]]]], np.int8)
+    want_layout = BlockLayout(np.array([[[[0, 1], [1, 1]]]], np.int32),
+                              np.array([[[2, 1]]], np.int32),
+                              np.array([[[[2, 1], [1, 0]]]], np.int8),
+                              block_q=32, block_kv=32, num_kv_blocks=2)
+    cot = jax.random.normal(jax.random.key(9), q.shape)
+
+    def values_and_grads(run):
+      out, vjp = jax.vjp(run, q, k, v)
+      return out, vjp(cot)
+
+    got = values_and_grads(lambda *x: self._traced_layout_attention(
+        idx, cnt, kind, 2, *x, causal=True))
+    want = values_and_grads(lambda *x: self.reference(
+        *x, want_layout, causal=True))
+    chex.assert_trees_all_close(got, want,
+                                atol=tolerances.grad_atol(q.dtype))
+
+  def test_traced_causal_offset_and_sm_scale(self):
+    q, k, v = random_qkv(29, 1, 64, 96, 2, 1, 16)
+    layout = random_layout(30, 1, 1, 64, 96, 32, 32, density=0.8)
+
+    @jax.jit
+    def traced(q, k, v, offset, scale):
+      return self.attention(q, k, v, layout, causal=True,
+                            causal_offset=offset, sm_scale=scale)
+
+    out = traced(q, k, v, jnp.int32(-20), jnp.float32(0.3))
+    want = self.reference(q, k, v, layout, causal=True, causal_offset=-20,
+                          sm_scale=0.3)
+    chex.assert_trees_all_close(out, want, atol=tolerances.atol(q.dtype))
+
+  def test_second_order(self):
+    q, k, v = random_qkv(31, 1, 32, 32, 1, 1, 16)
+    layout = BlockLayout.dense(32, 32, block_q=16, block_kv=16)
+
+    def grad_norm(attention, q):
+      loss = lambda q: jnp.sum(attention(q, k, v, layout, causal=True) ** 2)
+      return jnp.sum(jax.grad(loss)(q) ** 2)
+
+    second = jax.grad(functools.partial(grad_norm, self.attention))
+    if not api.backend(self.IMPLEMENTATION).SECOND_ORDER:
+      with self.assertRaisesRegex(NotImplementedError,
+                                  "supported on implementation='xla'"):
+        second(q)
+      return
+    want = jax.grad(functools.partial(grad_norm, self.reference))(q)
+    chex.assert_trees_all_close(second(q), want,
+                                atol=tolerances.grad_atol(q.dtype))
