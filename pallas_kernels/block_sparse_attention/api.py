@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from pallas_kernels import _common
 from pallas_kernels import layout as layout_lib
 from pallas_kernels import row_layout
+from pallas_kernels.block_sparse_attention import partitioning
 from pallas_kernels.block_sparse_attention import reference
 from pallas_kernels.block_sparse_attention import row_sparse
 from pallas_kernels.block_sparse_attention import tile_math
@@ -309,8 +310,50 @@ def backend(name: str):
 def _attention(impl, spec, q, k, v, bias_k, q_seg, kv_seg, layout,
                causal_offset):
   name, options = impl
-  return backend(name).forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec,
-                               causal_offset=causal_offset, **dict(options))
+  forward = functools.partial(_backend_forward, backend(name), spec,
+                              options)
+  args = (q, k, v, bias_k, q_seg, kv_seg, layout, causal_offset)
+  return partitioning.call(forward, args, _operand_roles(args),
+                           (partitioning.Q, partitioning.LSE),
+                           _mesh_dims(q, k))
+
+
+def _backend_forward(module, spec, options, q, k, v, bias_k, q_seg, kv_seg,
+                     layout, causal_offset):
+  return module.forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec,
+                        causal_offset=causal_offset, **dict(options))
+
+
+def _backend_backward(module, spec, options, q, k, v, bias_k, q_seg, kv_seg,
+                      layout, out, lse, dout, dlse, causal_offset):
+  return module.backward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, out,
+                         lse, dout, dlse, causal_offset=causal_offset,
+                         **dict(options))
+
+
+def _mesh_dims(q, k) -> partitioning.Dims:
+  return partitioning.Dims(q.shape[0], q.shape[2], k.shape[2])
+
+
+def _operand_roles(args):
+  """Partitioning roles of the op's operands (see `partitioning`).
+
+  `args` is (q, k, v, bias_k, q_seg, kv_seg, layout, causal_offset) or the
+  backward's (q, k, v, bias_k, q_seg, kv_seg, layout, out, lse, dout, dlse,
+  causal_offset).
+  """
+  q, k, v, bias_k, q_seg, kv_seg, layout, *rest = args
+  maybe = lambda x, role: None if x is None else role
+  layout_roles = jax.tree.map(lambda _: partitioning.LEADING, layout)
+  if layout.tiles is not None:
+    layout_roles = dataclasses.replace(layout_roles, tiles=partitioning.FREE)
+  # The backward's out, lse, dout, dlse sit between the layout and offset.
+  rest_roles = (partitioning.Q, partitioning.LSE) * ((len(rest) - 1) // 2)
+  return (partitioning.Q, partitioning.KV, partitioning.KV,
+          maybe(bias_k, partitioning.LEADING),
+          maybe(q_seg, partitioning.Q_SEGMENTS),
+          maybe(kv_seg, partitioning.KV_SEGMENTS), layout_roles,
+          *rest_roles, maybe(rest[-1], partitioning.FREE))
 
 
 def _attention_fwd(impl, spec, q, k, v, bias_k, q_seg, kv_seg, layout,
@@ -330,8 +373,12 @@ def _attention_bwd(impl, spec, residuals, cotangents):
   module = backend(name)
 
   def grads(*args):
-    return module.backward(*args[:7], spec, *args[7:11],
-                           causal_offset=args[11], **dict(options))
+    backward = functools.partial(_backend_backward, module, spec, options)
+    return partitioning.call(
+        backward, args, _operand_roles(args),
+        (partitioning.Q, partitioning.KV, partitioning.KV,
+         None if args[3] is None else partitioning.LEADING),
+        _mesh_dims(args[0], args[1]))
 
   if not module.SECOND_ORDER:
     grads = _first_order_only(grads, name)
