@@ -122,14 +122,11 @@ def block_sparse_attention(
   q, k, v, bias_k, q_segment_ids, kv_segment_ids = (
       None if x is None else jnp.asarray(x)
       for x in (q, k, v, bias_k, q_segment_ids, kv_segment_ids))
+  _check_arrays(q, k, v, bias_k, q_segment_ids, kv_segment_ids)
   if isinstance(layout, row_layout.RowLayout):
-    out, lse = row_sparse.attention(
-        q, k, v, layout, bias_k=bias_k, q_segment_ids=q_segment_ids,
-        kv_segment_ids=kv_segment_ids, causal=causal,
-        causal_offset=causal_offset, sm_scale=sm_scale, softcap=softcap,
-        implementation=implementation)
-    return (out, lse) if return_lse else out
-  _check_inputs(q, k, v, layout, bias_k, q_segment_ids, kv_segment_ids)
+    row_sparse.check_layout(layout, q, k)
+  else:
+    _check_block_layout(layout, q, k)
   if q_segment_ids is not None:
     q_segment_ids = q_segment_ids.astype(jnp.int32)
     kv_segment_ids = kv_segment_ids.astype(jnp.int32)
@@ -141,6 +138,12 @@ def block_sparse_attention(
   impl = _choose_implementation(implementation, interpret)
   if scale is None:
     q, scale = _fold_scale(q, sm_scale), 1.0
+  if isinstance(layout, row_layout.RowLayout):
+    out, lse = row_sparse.attention(
+        q, k, v, layout, bias_k=bias_k, q_segment_ids=q_segment_ids,
+        kv_segment_ids=kv_segment_ids, causal_offset=offset, sm_scale=scale,
+        softcap=softcap, dense_reference=impl == "reference")
+    return (out, lse) if return_lse else out
   if not layout.is_host:
     layout = _sanitised(layout)
   spec = tile_math.MaskSpec(
@@ -344,15 +347,13 @@ def _operand_roles(args):
   """
   q, k, v, bias_k, q_seg, kv_seg, layout, *rest = args
   maybe = lambda x, role: None if x is None else role
-  layout_roles = jax.tree.map(lambda _: partitioning.LEADING, layout)
-  if layout.tiles is not None:
-    layout_roles = dataclasses.replace(layout_roles, tiles=partitioning.FREE)
   # The backward's out, lse, dout, dlse sit between the layout and offset.
   rest_roles = (partitioning.Q, partitioning.LSE) * ((len(rest) - 1) // 2)
   return (partitioning.Q, partitioning.KV, partitioning.KV,
           maybe(bias_k, partitioning.LEADING),
           maybe(q_seg, partitioning.Q_SEGMENTS),
-          maybe(kv_seg, partitioning.KV_SEGMENTS), layout_roles,
+          maybe(kv_seg, partitioning.KV_SEGMENTS),
+          partitioning.layout_roles(layout),
           *rest_roles, maybe(rest[-1], partitioning.FREE))
 
 
@@ -453,7 +454,7 @@ def _choose_implementation(implementation, interpret) -> str:
   return implementation
 
 
-def _check_inputs(q, k, v, layout, bias_k, q_seg, kv_seg):
+def _check_arrays(q, k, v, bias_k, q_seg, kv_seg):
   """Raises ValueError naming the argument and the expected shape/dtype."""
   for name, x, dims in (("q", q, "B, T, Hq, D"), ("k", k, "B, S, Hkv, D"),
                         ("v", v, "B, S, Hkv, D")):
@@ -483,30 +484,6 @@ def _check_inputs(q, k, v, layout, bias_k, q_seg, kv_seg):
   if hq % hkv:
     raise ValueError(
         f"q heads (Hq={hq}) must be a multiple of kv heads (Hkv={hkv})")
-  if not isinstance(layout, layout_lib.BlockLayout):
-    raise ValueError(
-        f"layout must be a BlockLayout, got {type(layout).__name__}")
-  for name in ("block_q", "block_kv"):
-    if getattr(layout, name) < 1:
-      raise ValueError(
-          f"layout.{name} must be >= 1, got {getattr(layout, name)}")
-  layout_lib.check_shapes(layout)
-  bl, hl, qb, _ = layout.kv_idx.shape
-  want_qb = layout_lib.cdiv(t, layout.block_q)
-  want_kb = layout_lib.cdiv(s, layout.block_kv)
-  if qb != want_qb:
-    raise ValueError(
-        f"layout has Qb={qb} query blocks but T={t} with block_q="
-        f"{layout.block_q} needs ceil(T / block_q)={want_qb}")
-  if layout.num_kv_blocks != want_kb:
-    raise ValueError(
-        f"layout has num_kv_blocks={layout.num_kv_blocks} but S={s} with "
-        f"block_kv={layout.block_kv} needs ceil(S / block_kv)={want_kb}")
-  if bl not in (1, b):
-    raise ValueError(f"layout batch dim must be 1 or B={b}, got {bl}")
-  if hl not in (1, hkv, hq):
-    raise ValueError(
-        f"layout head dim must be 1, Hkv={hkv} or Hq={hq}, got {hl}")
   if bias_k is not None:
     if not jnp.issubdtype(bias_k.dtype, jnp.floating):
       raise ValueError(f"bias_k must have a float dtype, got {bias_k.dtype}")
@@ -532,5 +509,35 @@ def _check_inputs(q, k, v, layout, bias_k, q_seg, kv_seg):
       raise ValueError(
           f"kv_segment_ids must be [B, S] = [{b}, {s}], got "
           f"{tuple(kv_seg.shape)}")
+
+
+def _check_block_layout(layout, q, k):
+  """Raises ValueError unless `layout` is a BlockLayout fitting q and k."""
+  b, t, hq, _ = q.shape
+  s, hkv = k.shape[1], k.shape[2]
+  if not isinstance(layout, layout_lib.BlockLayout):
+    raise ValueError(
+        f"layout must be a BlockLayout, got {type(layout).__name__}")
+  for name in ("block_q", "block_kv"):
+    if getattr(layout, name) < 1:
+      raise ValueError(
+          f"layout.{name} must be >= 1, got {getattr(layout, name)}")
+  layout_lib.check_shapes(layout)
+  bl, hl, qb, _ = layout.kv_idx.shape
+  want_qb = layout_lib.cdiv(t, layout.block_q)
+  want_kb = layout_lib.cdiv(s, layout.block_kv)
+  if qb != want_qb:
+    raise ValueError(
+        f"layout has Qb={qb} query blocks but T={t} with block_q="
+        f"{layout.block_q} needs ceil(T / block_q)={want_qb}")
+  if layout.num_kv_blocks != want_kb:
+    raise ValueError(
+        f"layout has num_kv_blocks={layout.num_kv_blocks} but S={s} with "
+        f"block_kv={layout.block_kv} needs ceil(S / block_kv)={want_kb}")
+  if bl not in (1, b):
+    raise ValueError(f"layout batch dim must be 1 or B={b}, got {bl}")
+  if hl not in (1, hkv, hq):
+    raise ValueError(
+        f"layout head dim must be 1, Hkv={hkv} or Hq={hq}, got {hl}")
   if layout.is_host:
     layout.validate()

@@ -153,6 +153,22 @@ def _partitioned(fn, static, *args):
   return fn(*args)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _differentiable(fn, static, *args):
+  """`_partitioned`, differentiable: custom_partitioning has no JVP rule.
+
+  The derivative of a backend call (second-order derivatives of the op) is
+  that of `fn` itself, partitioned by XLA's own rules.
+  """
+  return _partitioned(fn, static, *args)
+
+
+@_differentiable.defjvp
+def _differentiable_jvp(fn, static, primals, tangents):
+  del static
+  return jax.jvp(fn, primals, tangents)
+
+
 def _sharding_rule(fn, static, mesh, value_types, result_types):
   del fn, mesh, value_types, result_types
   return static.rule, static.sizes
@@ -208,6 +224,14 @@ class _Static:
   @property
   def result_role_leaves(self) -> list[str]:
     return jax.tree.leaves(self.result_role_tree)
+
+
+def layout_roles(layout):
+  """Roles of a layout's leaves: lists lead with [Bl, Hl]; tile pools free."""
+  roles = jax.tree.map(lambda _: LEADING, layout)
+  if getattr(layout, "tiles", None) is not None:
+    roles = dataclasses.replace(roles, tiles=FREE)
+  return roles
 
 
 def _explicit_sharding(x):
@@ -279,4 +303,4 @@ def call(fn: Callable, args: tuple, arg_roles: Any, result_roles: Any,
                    result_roles)
   if _explicit_sharding(jax.tree.leaves(args)[0]) is not None:
     return _shard_map(fn, static, args)
-  return _partitioned(fn, static, *args)
+  return _differentiable(fn, static, *args)

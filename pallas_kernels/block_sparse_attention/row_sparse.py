@@ -33,13 +33,13 @@ import jax.numpy as jnp
 
 from pallas_kernels import _common
 from pallas_kernels import row_layout as row_layout_lib
+from pallas_kernels.block_sparse_attention import partitioning
 from pallas_kernels.block_sparse_attention import reference
 from pallas_kernels.block_sparse_attention import tile_math
 
 # Target size of one chunk's q-side work, B * L * C * R * M * D elements: it
 # bounds the gathered keys and the logits one chunk holds, whatever T.
 _CHUNK_ELEMENTS = 1 << 23
-IMPLEMENTATIONS = (None, "reference", "xla", "triton", "mosaic_tpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -301,23 +301,79 @@ def _backward(geo, residuals, cotangents):
     (dbias,) = bias_vjp(dbias.astype(bias.dtype))
   return (_unchunk_rows(dq, geo), _head_major(dk).astype(k.dtype),
           _head_major(dv).astype(v.dtype),
-          dbias, None, None, None, None)
+          dbias)
+
+
+def _localised(geo: _Geometry, q, k, layout) -> _Geometry:
+  """`geo` with the batch and head sizes of this device's shard.
+
+  The chunking (N, C) stays the global one, so every shard pads alike.
+  """
+  b, _, hq, _ = q.shape
+  hkv = k.shape[2]
+  lh = hq if layout.num_heads == hq and hq != hkv else hkv
+  return dataclasses.replace(geo, batch=b, num_q_heads=hq, num_kv_heads=hkv,
+                             layout_heads=lh, group=hq // lh)
+
+
+def _local_forward(geo, q, k, v, bias_k, q_seg, kv_seg, causal_offset,
+                   layout):
+  return _forward(_localised(geo, q, k, layout), q, k, v, bias_k, q_seg,
+                  kv_seg, causal_offset, layout)
+
+
+def _local_backward(geo, q, k, v, bias_k, q_seg, kv_seg, causal_offset,
+                    layout, out, lse, dout, dlse):
+  residuals = (q, k, v, bias_k, q_seg, kv_seg, causal_offset, layout, out,
+               lse)
+  return _backward(_localised(geo, q, k, layout), residuals,
+                   (dout, dlse))
+
+
+def _roles(args):
+  """Partitioning roles of (q, k, v, bias_k, q_seg, kv_seg, offset, layout,
+  [out, lse, dout, dlse])."""
+  q, k, v, bias_k, q_seg, kv_seg, offset, layout, *rest = args
+  maybe = lambda x, role: None if x is None else role
+  return (partitioning.Q, partitioning.KV, partitioning.KV,
+          maybe(bias_k, partitioning.LEADING),
+          maybe(q_seg, partitioning.Q_SEGMENTS),
+          maybe(kv_seg, partitioning.KV_SEGMENTS), partitioning.FREE,
+          partitioning.layout_roles(layout),
+          *(partitioning.Q, partitioning.LSE) * (len(rest) // 2))
+
+
+def _mesh_dims(geo: _Geometry) -> partitioning.Dims:
+  return partitioning.Dims(geo.batch, geo.num_q_heads, geo.num_kv_heads)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attention(geo, q, k, v, bias_k, q_seg, kv_seg, causal_offset, layout):
-  return _forward(geo, q, k, v, bias_k, q_seg, kv_seg, causal_offset, layout)
+  args = (q, k, v, bias_k, q_seg, kv_seg, causal_offset, layout)
+  return partitioning.call(functools.partial(_local_forward, geo), args,
+                           _roles(args), (partitioning.Q, partitioning.LSE),
+                           _mesh_dims(geo))
 
 
 def _attention_fwd(geo, q, k, v, bias_k, q_seg, kv_seg, causal_offset,
                    layout):
-  out, lse = _forward(geo, q, k, v, bias_k, q_seg, kv_seg, causal_offset,
-                      layout)
+  out, lse = _attention(geo, q, k, v, bias_k, q_seg, kv_seg, causal_offset,
+                        layout)
   return (out, lse), (q, k, v, bias_k, q_seg, kv_seg, causal_offset, layout,
                       out, lse)
 
 
-_attention.defvjp(_attention_fwd, _backward)
+def _attention_bwd(geo, residuals, cotangents):
+  args = (*residuals, *cotangents)
+  grads = partitioning.call(
+      functools.partial(_local_backward, geo), args, _roles(args),
+      (partitioning.Q, partitioning.KV, partitioning.KV,
+       None if residuals[3] is None else partitioning.LEADING),
+      _mesh_dims(geo))
+  return (*grads, None, None, None, None)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 # -- entry point --------------------------------------------------------------
@@ -351,92 +407,44 @@ def check_layout(layout: row_layout_lib.RowLayout, q, k) -> None:
     layout.validate()
 
 
-def _check_key_side(q, k, bias_k, q_seg, kv_seg) -> None:
-  """Shapes the gathers would otherwise clamp silently (wrong, not failing).
-
-  Stopgap until the op's array checks in api.py also run for a RowLayout.
-  """
-  b, t, hq, _ = q.shape
-  s, hkv = k.shape[1], k.shape[2]
-  if bias_k is not None and (
-      bias_k.ndim != 3 or bias_k.shape[0] not in (1, b)
-      or bias_k.shape[1] not in (1, hkv, hq) or bias_k.shape[2] != s):
-    raise ValueError(
-        f"bias_k must be [B|1, Hq|Hkv|1, S] = [{b}|1, {hq}|{hkv}|1, {s}], "
-        f"got shape {tuple(bias_k.shape)}")
-  if (q_seg is None) != (kv_seg is None):
-    raise ValueError(
-        "q_segment_ids and kv_segment_ids must be given together")
-  if q_seg is not None and (tuple(q_seg.shape) != (b, t)
-                            or tuple(kv_seg.shape) != (b, s)):
-    raise ValueError(
-        f"q_segment_ids and kv_segment_ids must be [B, T] = [{b}, {t}] and "
-        f"[B, S] = [{b}, {s}], got {tuple(q_seg.shape)} and "
-        f"{tuple(kv_seg.shape)}")
-
-
-def _static_float(name: str, value) -> float:
-  if isinstance(value, jax.core.Tracer):
-    raise ValueError(
-        f"{name} must be a static Python float with a RowLayout, got a "
-        "traced value")
-  return float(value)
-
-
 @_common.numpy_broadcasting
-def attention(q, k, v, layout: row_layout_lib.RowLayout, *, bias_k=None,
-              q_segment_ids=None, kv_segment_ids=None, causal=False,
-              causal_offset=0, sm_scale=None, softcap=None,
-              implementation=None):
+def attention(q, k, v, layout: row_layout_lib.RowLayout, *, bias_k,
+              q_segment_ids, kv_segment_ids, causal_offset, sm_scale: float,
+              softcap: float | None, dense_reference: bool = False):
   """Row-sparse attention: `block_sparse_attention` with a `RowLayout`.
 
-  Element (i, j) attends when j is listed for i's query group (and the row
-  mask allows it), 0 <= j < S, and the op's predicates hold: `causal`
-  (j <= i + causal_offset) and equal segment ids. Logits are
-  `softcap(sm_scale * q.k) + bias_k[j]`.
+  Called by `block_sparse_attention` after it has validated and normalised
+  the arguments (see there for their meaning). Element (i, j) attends when j
+  is listed for i's query group (and the row mask allows it), 0 <= j < S,
+  and the op's predicates hold: causal (j <= i + causal_offset) and equal
+  segment ids. Logits are `softcap(sm_scale * q.k) + bias_k[j]`.
 
   Args:
     q: [B, T, Hq, D] queries.
     k: [B, S, Hkv, D] keys.
     v: [B, S, Hkv, D] values.
-    layout: a `RowLayout` with Qg = ceil(T / group_size), num_keys = S, batch
-      dim in {1, B} and head dim in {1, Hkv, Hq}.
+    layout: a `RowLayout` that passed `check_layout`.
     bias_k: optional [B|1, Hq|Hkv|1, S] per-key logit bias (has a gradient).
-    q_segment_ids: optional integer [B, T], with `kv_segment_ids`.
-    kv_segment_ids: optional integer [B, S].
-    causal: query i only sees keys j <= i + causal_offset.
-    causal_offset: integer shift of the causal diagonal; may be traced.
-    sm_scale: static logit scale; default 1 / sqrt(D).
+    q_segment_ids: optional int32 [B, T], with `kv_segment_ids`.
+    kv_segment_ids: optional int32 [B, S].
+    causal_offset: int32 scalar shift of the causal diagonal, or None when
+      not causal.
+    sm_scale: static logit scale.
     softcap: optional static logit soft-cap.
-    implementation: "reference" runs the dense oracle (T x S); every other
-      choice (None, "xla", "triton", "mosaic_tpu") runs the XLA gather path.
+    dense_reference: run the dense oracle (T x S) instead of the gather.
 
   Returns:
     out [B, T, Hq, D] in q's dtype and lse f32 [B, Hq, T]; rows that see no
     key give out 0 and lse -inf.
-
-  Raises:
-    ValueError: on a layout that does not fit q and k, or bad arguments.
   """
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(
-        f"implementation must be one of {IMPLEMENTATIONS}, got "
-        f"{implementation!r}")
-  check_layout(layout, q, k)
-  _check_key_side(q, k, bias_k, q_segment_ids, kv_segment_ids)
-  t, s, d = q.shape[1], k.shape[1], q.shape[3]
+  t, s = q.shape[1], k.shape[1]
   spec = tile_math.MaskSpec(
       q_len=t, kv_len=s, kv_len_padded=s, band=None,
       has_segments=q_segment_ids is not None, has_tiles=False,
-      sm_scale=(1.0 / math.sqrt(d) if sm_scale is None
-                else _static_float("sm_scale", sm_scale)),
-      softcap=None if softcap is None else _static_float("softcap", softcap),
-      causal=bool(causal))
-  causal_offset = jnp.asarray(causal_offset, jnp.int32)
-  if q_segment_ids is not None:
-    q_segment_ids = jnp.asarray(q_segment_ids, jnp.int32)
-    kv_segment_ids = jnp.asarray(kv_segment_ids, jnp.int32)
-  if implementation == "reference":
+      sm_scale=sm_scale, softcap=softcap, causal=causal_offset is not None)
+  causal_offset = jnp.asarray(0 if causal_offset is None else causal_offset,
+                              jnp.int32)
+  if dense_reference:
     return reference.attention(q, k, v, layout, spec, bias_k=bias_k,
                                q_segment_ids=q_segment_ids,
                                kv_segment_ids=kv_segment_ids,

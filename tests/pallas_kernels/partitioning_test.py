@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels import BlockLayout
+from pallas_kernels import RowLayout
 from pallas_kernels import block_sparse_attention
 from tests import tolerances
 
@@ -115,6 +116,30 @@ class PartitioningTest(parameterized.TestCase):
     np.testing.assert_allclose(out, want, atol=tolerances.atol(jnp.float32))
     np.testing.assert_allclose(dq, want_dq,
                                atol=tolerances.grad_atol(jnp.float32))
+
+  @parameterized.parameters(*SPECS)
+  def test_row_layout(self, sharded):
+    mesh = _mesh(AxisType.Auto)
+    sharding = NamedSharding(mesh, SPECS[sharded])
+    q, k, v, bias = _inputs()
+    rng = np.random.default_rng(1)
+    idx = np.sort(np.stack([np.stack([
+        rng.choice(T, 16, replace=False) for _ in range(T)])
+        for _ in range(B * HKV)]), axis=-1).reshape(B, HKV, T, 16)
+    layout = RowLayout.from_indices(idx.astype(np.int32), num_keys=T)
+
+    def loss(q, k, v, bias):
+      out = block_sparse_attention(q, k, v, layout, bias_k=bias, causal=True)
+      return jnp.sum(out ** 2)
+
+    grads = jax.grad(loss, argnums=(0, 1, 2, 3))
+    want = grads(q, k, v, bias)
+    qs, ks, vs = (jax.device_put(x, sharding) for x in (q, k, v))
+    hlo = jax.jit(grads).lower(qs, ks, vs, bias).compile().as_text()
+    self.assertIsNone(GATHERS.search(hlo))
+    for got, w in zip(jax.jit(grads)(qs, ks, vs, bias), want):
+      np.testing.assert_allclose(got, w,
+                                 atol=tolerances.grad_atol(jnp.float32))
 
   def test_sequence_sharding_raises(self):
     mesh = _mesh(AxisType.Auto)

@@ -159,7 +159,8 @@ class RowSparseAttentionTest(parameterized.TestCase):
     q, k, v = random_qkv(16, 1, 20, 20, 2, 2, 8)
     layout = random_row_layout(17, 1, 2, 20, 20, 5)
     run = jax.jit(lambda impl: block_sparse_attention(
-        q, k, v, layout, implementation=impl), static_argnums=0)
+        q, k, v, layout, implementation=impl, interpret=True),
+                  static_argnums=0)
     want = run("xla")
     for impl in (None, "triton", "mosaic_tpu"):
       chex.assert_trees_all_equal(run(impl), want)
@@ -254,9 +255,12 @@ class RowSparseAttentionTest(parameterized.TestCase):
       with self.subTest(pattern), self.assertRaisesRegex(ValueError,
                                                          pattern):
         block_sparse_attention(q, k, v, layout, **kwargs)
-    with self.assertRaisesRegex(ValueError, "sm_scale must be a static"):
-      jax.jit(lambda s: block_sparse_attention(q, k, v, good, sm_scale=s))(
-          0.5)
+    # A traced sm_scale is folded into q, as for block layouts.
+    traced = jax.jit(lambda s: block_sparse_attention(q, k, v, good,
+                                                      sm_scale=s))(0.5)
+    np.testing.assert_allclose(
+        traced, block_sparse_attention(q, k, v, good, sm_scale=0.5),
+        atol=tolerances.atol(jnp.float32))
 
 
 class SparsePlanRowLayoutTest(absltest.TestCase):
