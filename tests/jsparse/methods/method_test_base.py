@@ -6,7 +6,7 @@ collect the base, and implement `make_method`, `inputs` and `logical_mask`.
 
 from __future__ import annotations
 
-from absl.testing import parameterized
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,17 +41,19 @@ def masked_attention(q, k, v, mask, bias=None, sm_scale=None):
 
 def assert_values_and_grads_close(run, ref, q, k, v):
   """run(q, k, v) == ref(q, k, v), and their VJPs for a random cotangent."""
-  atol = tolerances.atol(jnp.float32) * 5
-  np.testing.assert_allclose(run(q, k, v), ref(q, k, v), atol=atol)
+  atol = tolerances.atol(q.dtype) * 5
+  chex.assert_trees_all_close(run(q, k, v), ref(q, k, v), atol=atol)
   cot = jax.random.normal(jax.random.key(3), q.shape)
   grads = [jax.jit(jax.grad(lambda *a, f=f: jnp.vdot(f(*a), cot),
                             (0, 1, 2)))(q, k, v) for f in (run, ref)]
-  for a, b in zip(*grads):
-    np.testing.assert_allclose(a, b, atol=4 * atol)
+  chex.assert_trees_all_close(*grads, atol=4 * atol)
 
 
-class MethodTestBase(parameterized.TestCase):
-  """Plan well-formed, op == dense reference, 100% density == dense."""
+class MethodTestBase(chex.TestCase):
+  """Plan well-formed, op == dense reference, 100% density == dense.
+
+  The reference checks run with and without jit (chex variants).
+  """
 
   TRAINS = False  # also compare gradients w.r.t. q, k, v (method's mask)
 
@@ -80,23 +82,33 @@ class MethodTestBase(parameterized.TestCase):
     del method, kwargs
     return jnp.ones((1, 1, q.shape[1], k.shape[1]), bool)
 
+  def _skip_if_replaced(self, name):
+    """Skips a variant of test `name` that a subclass replaced by its own."""
+    if any(name in vars(c) for c in type(self).__mro__
+           if issubclass(c, MethodTestBase) and c is not MethodTestBase):
+      self.skipTest(f"{type(self).__name__} replaces {name}")
+
   def _check(self, method, mask_fn, grads):
+    """Under `self.variant`: the op's output and VJP == the dense ones."""
     q, k, v, kwargs = self.inputs(method)
     mask = mask_fn(method, q, k, kwargs)
     bias = self.logical_bias(method, q, k, kwargs)
-    run = jax.jit(lambda q, k, v: method(q, k, v, implementation="xla",
-                                         **kwargs))
+    run = self.variant(lambda q, k, v: method(q, k, v, implementation="xla",
+                                              **kwargs))
     out = run(q, k, v)
+    chex.assert_shape(out, q.shape[:3] + v.shape[3:])
+    chex.assert_type(out, q.dtype)
+    chex.assert_tree_all_finite(out)
     ref = masked_attention(q, k, v, mask, bias)
-    atol = tolerances.atol(jnp.float32) * 5
-    np.testing.assert_allclose(out, ref, atol=atol, rtol=atol)
+    atol = tolerances.atol(q.dtype) * 5
+    chex.assert_trees_all_close(out, ref, atol=atol, rtol=atol)
     if grads:
       cot = jax.random.normal(jax.random.key(7), out.shape)
       g_op = jax.grad(lambda *a: jnp.vdot(run(*a), cot), (0, 1, 2))(q, k, v)
       g_ref = jax.grad(lambda *a: jnp.vdot(
           masked_attention(*a, mask, bias), cot), (0, 1, 2))(q, k, v)
-      for a, b in zip(g_op, g_ref):
-        np.testing.assert_allclose(a, b, atol=4 * atol, rtol=4 * atol)
+      chex.assert_tree_all_finite(g_op)
+      chex.assert_trees_all_close(g_op, g_ref, atol=4 * atol, rtol=4 * atol)
 
   def test_plan_well_formed(self):
     method = self.make_method()
@@ -112,10 +124,14 @@ class MethodTestBase(parameterized.TestCase):
                                      & (idx < layout.num_kv_blocks))))
     self.assertTrue(np.all(~valid[..., 1:] | (np.diff(idx, axis=-1) > 0)))
 
+  @chex.variants(with_jit=True, without_jit=True)
   def test_matches_dense_reference(self):
+    self._skip_if_replaced("test_matches_dense_reference")
     self._check(self.make_method(), self.logical_mask, self.TRAINS)
 
+  @chex.variants(with_jit=True, without_jit=True)
   def test_full_density_is_dense(self):
+    self._skip_if_replaced("test_full_density_is_dense")
     method = self.dense_method()
     if method is None:
       self.skipTest("no 100% density configuration")
