@@ -14,6 +14,7 @@ from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -22,6 +23,8 @@ from pallas_kernels import BlockLayout
 from pallas_kernels import RowLayout
 from pallas_kernels import block_sparse_attention
 from tests import tolerances
+
+pytestmark = pytest.mark.multidevice
 
 B, T, HQ, HKV, D = 4, 256, 4, 2, 32
 GATHERS = re.compile(r"all-gather|all-to-all|reduce-scatter|"
