@@ -29,6 +29,7 @@ import functools
 from typing import Any, Callable
 
 import jax
+from jax import custom_batching
 from jax.experimental import custom_partitioning as cp
 from jax.sharding import AxisType
 from jax.sharding import NamedSharding
@@ -153,14 +154,36 @@ def _partitioned(fn, static, *args):
   return fn(*args)
 
 
+def _batchable(fn, static, *args):
+  """`_partitioned`, vmappable: custom_partitioning has no batching rule.
+
+  Under vmap the backend call runs as `jax.vmap(fn)`, partitioned by XLA's
+  own rules.
+  """
+
+  @custom_batching.custom_vmap
+  def run(*args):
+    return _partitioned(fn, static, *args)
+
+  @run.def_vmap
+  def _(axis_size, in_batched, *args):
+    del axis_size
+    in_axes = jax.tree.map(lambda batched: 0 if batched else None,
+                           tuple(in_batched))
+    results = jax.vmap(fn, in_axes=in_axes)(*args)
+    return results, jax.tree.map(lambda _: True, results)
+
+  return run(*args)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _differentiable(fn, static, *args):
-  """`_partitioned`, differentiable: custom_partitioning has no JVP rule.
+  """`_batchable`, differentiable: custom_partitioning has no JVP rule.
 
   The derivative of a backend call (second-order derivatives of the op) is
   that of `fn` itself, partitioned by XLA's own rules.
   """
-  return _partitioned(fn, static, *args)
+  return _batchable(fn, static, *args)
 
 
 @_differentiable.defjvp
