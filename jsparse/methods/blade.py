@@ -10,14 +10,27 @@ of kv blocks holding `mass` of the estimated block mass, the crossing block
 excluded, clamped to [min_fraction, max_fraction] of the kv blocks. A global
 branch attends to every key mean-pooled by n. Both branches form ONE softmax
 over [K masked by M ; K_pooled + ln n]: pooled keys are appended to the kv
-axis (`extra_k`) with the bias ln n, so one op call is exact; the two-branch
-form merged by log-sum-exp (`merge_by_lse`) is the same function. Pooling
+axis (`extra_k`) with the bias ln n, so one op call is exact (`plan`); the
+two-branch form merged by log-sum-exp (`merge_by_lse`) is the same function
+and what calling the method runs by default: its large sparse call has no
+bias and no ragged kv block, so it is cheaper on the "xla" backend. Pooling
 covers every token, selected blocks included, as in the paper. Tokens should
 be in the space-filling-curve order of `jsparse.masks.curves` for video.
+
+`causal=True` is the causal variant for language models (raster order): the
+estimate is restricted to the causal past (`causal_scores`, shared with
+causal PSA: future blocks score 0, the diagonal block ranks first and is
+always kept), the layout's causal band applies inside the diagonal block,
+and there is no global branch (pooled keys would mix in future tokens).
+
+Capacity: a row lists at most int(max_fraction * Kb) blocks (Kb with text
+blocks, whose rows are dense), plus the ceil(S / n / block_size) pooled
+blocks of the global branch; the mass rule never exceeds it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 import dataclasses
 
 import jax
@@ -46,8 +59,11 @@ class BladeConfig:
       kv columns and as query rows (2 for CogVideoX, 0 otherwise).
     global_branch: attend to the pooled keys too (off: the sparse branch
       alone, e.g. to check that 100% density is dense attention).
-    merge: "single" (one op call over [K ; K_pooled]) or "lse" (two calls
-      merged by log-sum-exp; same values and gradients).
+    merge: how calling the method attends: "lse" (two calls merged by
+      log-sum-exp) or "single" (one op call over [K ; K_pooled], `plan`);
+      same values and gradients.
+    causal: causal self-attention (T = S, raster order); needs
+      global_branch=False.
     seed: PRNG seed of the sampling offsets when `plan` gets no key.
   """
 
@@ -59,7 +75,8 @@ class BladeConfig:
   pool_size: int = 30
   num_text_blocks: int = 0
   global_branch: bool = True
-  merge: str = "single"
+  merge: str = "lse"
+  causal: bool = False
   seed: int = 0
 
   def block_budget(self, num_kv_blocks: int) -> tuple[int, int]:
@@ -81,27 +98,74 @@ def kv_bias(seq_len: int, pool_size: int) -> jax.Array:
        np.log(counts).astype(np.float32)])[None, None])
 
 
-def merge_by_lse(out_a: jax.Array, lse_a: jax.Array, out_b: jax.Array,
-                 lse_b: jax.Array) -> jax.Array:
-  """One softmax over the union of two disjointly normalised key sets.
+def merge_by_lse(outs: Sequence[jax.Array],
+                 lses: Sequence[jax.Array]) -> jax.Array:
+  """One softmax over the union of disjointly normalised key sets.
 
   Args:
-    out_a, out_b: [B, T, H, D] branch outputs.
-    lse_a, lse_b: f32 [B, H, T] their log-sum-exps (-inf: no key).
+    outs: [B, T, H, D] branch outputs.
+    lses: f32 [B, H, T] their log-sum-exps (-inf: no key).
 
   Returns:
-    [B, T, H, D] in out_a's dtype; 0 where both branches saw no key.
+    [B, T, H, D] in the first output's dtype; 0 where no branch saw a key.
   """
-  m = jnp.maximum(lse_a, lse_b)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  w_a = jnp.exp(lse_a - m)
-  w_b = jnp.exp(lse_b - m)
-  total = w_a + w_b
-  total = jnp.where(total > 0, total, 1.0)
-  w_a = jnp.moveaxis(w_a / total, 1, 2)[..., None]
-  w_b = jnp.moveaxis(w_b / total, 1, 2)[..., None]
-  out = w_a * out_a.astype(jnp.float32) + w_b * out_b.astype(jnp.float32)
-  return out.astype(out_a.dtype)
+  lse = jnp.stack(lses)  # [N, B, H, T]
+  m = lse.max(0, keepdims=True)
+  w = jnp.exp(lse - jnp.where(jnp.isfinite(m), m, 0.0))
+  total = w.sum(0, keepdims=True)
+  w = jnp.moveaxis(w / jnp.where(total > 0, total, 1.0), 2, 3)[..., None]
+  out = sum(w_i * o.astype(jnp.float32) for w_i, o in zip(w, outs))
+  return out.astype(outs[0].dtype)
+
+
+def attend_merged(q: jax.Array, branches, **attend) -> jax.Array:
+  """Attends each branch and merges them into one softmax by LSE.
+
+  Args:
+    q: [B, T, Hq, D] queries.
+    branches: (plan, k, v) triples; each plan attends (q, k, v).
+    **attend: keywords of `SparsePlan.attend` (sm_scale, implementation,
+      interpret).
+
+  Returns:
+    [B, T, Hq, D]: softmax over the union of the branches' key sets.
+  """
+  outs, lses = zip(*(plan.attend(q, k, v, return_lse=True, **attend)
+                     for plan, k, v in branches))
+  return merge_by_lse(outs, lses)
+
+
+def causal_blocks(num_q_blocks: int, num_kv_blocks: int, block_q: int,
+                  block_kv: int) -> tuple[np.ndarray, np.ndarray]:
+  """Causal self-attention (key j visible to query i iff j <= i) by block.
+
+  Returns:
+    (past, crossing), bool [Qb, Kb] NumPy: `past` blocks end at or before
+    their query block's first row (every query sees every key), `crossing`
+    blocks are partly visible (the causal predicate applies inside); all
+    other blocks lie in the future.
+  """
+  q_first = np.arange(num_q_blocks)[:, None] * block_q
+  k_first = np.arange(num_kv_blocks)[None, :] * block_kv
+  some, every = layout_lib.band_bounds(
+      (None, 0), q_first, q_first + block_q - 1, k_first,
+      k_first + block_kv - 1)
+  return every, some & ~every
+
+
+def causal_scores(scores: jax.Array, past: np.ndarray,
+                  crossing: np.ndarray) -> jax.Array:
+  """Block scores over the causal past: future blocks score 0, crossing
+  blocks score the row's max + 1 (so they rank first).
+
+  Args:
+    scores: f32 [..., Qb, Kb] block importance.
+    past, crossing: bool [Qb, Kb] from `causal_blocks`.
+  """
+  keep = np.broadcast_to(past | crossing, scores.shape)
+  scores = jnp.where(keep, scores, 0.0)
+  return jnp.where(np.broadcast_to(crossing, scores.shape),
+                   scores.max(-1, keepdims=True) + 1, scores)
 
 
 class BladeMethod(base.SparseMethod):
@@ -113,7 +177,21 @@ class BladeMethod(base.SparseMethod):
                        f"{config.merge!r}")
     if not 0 < config.min_fraction <= config.max_fraction <= 1:
       raise ValueError("need 0 < min_fraction <= max_fraction <= 1")
+    if config.causal and config.global_branch:
+      raise ValueError(
+          "causal BLADE has no global branch (its pooled keys mix future "
+          "tokens): set global_branch=False")
     self.config = config
+
+  def capacity(self, num_kv_blocks: int) -> int:
+    """Static Kmax of the sparse branch for Kb kv blocks (see the module)."""
+    if self.config.num_text_blocks:
+      return num_kv_blocks
+    return self.config.block_budget(num_kv_blocks)[1]
+
+  def _causal_blocks(self, num_q_blocks: int, num_kv_blocks: int):
+    b = self.config.block_size
+    return causal_blocks(num_q_blocks, num_kv_blocks, b, b)
 
   def block_mask(self, q: jax.Array, k: jax.Array, *,
                  key: jax.Array | None = None):
@@ -124,16 +202,27 @@ class BladeMethod(base.SparseMethod):
       key: PRNG key of the sampling offsets; default from `config.seed`.
 
     Returns:
-      (mask bool [B, Hq, Qb, Kb], scores f32 [B, Hq, Qb, Kb]).
+      (mask bool [B, Hq, Qb, Kb], scores f32 [B, Hq, Qb, Kb]); when causal,
+      the scores are `causal_scores` and the mask holds no future block.
+
+    Raises:
+      ValueError: if causal and T != S.
     """
     cfg = self.config
     b = cfg.block_size
+    if cfg.causal and q.shape[1] != k.shape[1]:
+      raise ValueError(
+          f"causal BLADE is self-attention: q has {q.shape[1]} tokens, k has "
+          f"{k.shape[1]}")
     if key is None:
       key = jax.random.key(cfg.seed)
     samples = min(cfg.samples, b)
     scores = selection.sampled_block_scores(q, k, b, b, q_samples=samples,
                                             kv_samples=samples, key=key)
     qb, kb = scores.shape[-2:]
+    if cfg.causal:
+      past, crossing = self._causal_blocks(qb, kb)
+      scores = causal_scores(scores, past, crossing)
     lo, hi = cfg.block_budget(kb)
     forced = None
     if cfg.num_text_blocks:
@@ -143,6 +232,8 @@ class BladeMethod(base.SparseMethod):
     mask = selection.cumulative_mass_mask(
         scores, cfg.mass, min_blocks=lo, max_blocks=hi,
         include_crossing=False, mandatory=forced)
+    if cfg.causal:
+      mask &= np.broadcast_to(past | crossing, mask.shape)
     return mask, scores
 
   def _pooled(self, k, v):
@@ -169,13 +260,11 @@ class BladeMethod(base.SparseMethod):
     cfg = self.config
     b, s = cfg.block_size, k.shape[1]
     if not cfg.global_branch:
-      return self.branch_plans(q, k, v, key=key)[0]
+      return self.sparse_plan(q, k, key=key)
     mask, scores = self.block_mask(q, k, key=key)
     kp, vp = self._pooled(k, v)
     pooled_blocks = layout_lib.cdiv(kp.shape[1], b)
-    lo_hi = cfg.block_budget(mask.shape[-1])
-    kmax = (mask.shape[-1] if cfg.num_text_blocks
-            else lo_hi[1]) + pooled_blocks
+    kmax = self.capacity(mask.shape[-1]) + pooled_blocks
     full = jnp.concatenate(
         [mask, jnp.ones(mask.shape[:-1] + (pooled_blocks,), bool)], -1)
     layout = layout_lib.BlockLayout.from_block_mask(
@@ -185,6 +274,27 @@ class BladeMethod(base.SparseMethod):
         layout=layout, extra_k=kp, extra_v=vp, bias_k=kv_bias(s, cfg.pool_size),
         aux={"block_mask": mask, "scores": scores, "sparsity": sparsity})
 
+  def sparse_plan(self, q: jax.Array, k: jax.Array, *,
+                  key: jax.Array | None = None) -> base.SparsePlan:
+    """The sparse branch alone: the chosen blocks of k (Kmax `capacity`).
+
+    Args:
+      q: [B, T, Hq, D]; k: [B, S, Hkv, D] (S = T when causal).
+      key: PRNG key of the sampling offsets; default from `config.seed`.
+    """
+    b = self.config.block_size
+    mask, scores = self.block_mask(q, k, key=key)
+    qb, kb = mask.shape[-2:]
+    full, band = mask, None
+    if self.config.causal:
+      past = self._causal_blocks(qb, kb)[0]
+      full, band = mask & np.broadcast_to(past, mask.shape), (None, 0)
+    return base.SparsePlan(
+        layout=layout_lib.BlockLayout.from_block_mask(
+            mask, b, b, full_block_mask=full,
+            max_kv_blocks=self.capacity(kb), band=band),
+        aux={"block_mask": mask, "scores": scores})
+
   def branch_plans(self, q: jax.Array, k: jax.Array, v: jax.Array, *,
                    key: jax.Array | None = None
                    ) -> tuple[base.SparsePlan, base.SparsePlan]:
@@ -192,19 +302,19 @@ class BladeMethod(base.SparseMethod):
 
     Both attend with the original (q, k, v); the global plan lists only the
     pooled keys (appended as extras) and carries their ln n bias.
+
+    Raises:
+      ValueError: without a global branch.
     """
     cfg = self.config
+    if not cfg.global_branch:
+      raise ValueError("branch_plans needs global_branch=True")
     b, s = cfg.block_size, k.shape[1]
-    mask, scores = self.block_mask(q, k, key=key)
-    kb = mask.shape[-1]
-    kmax = kb if cfg.num_text_blocks else cfg.block_budget(kb)[1]
-    sparse = base.SparsePlan(
-        layout=layout_lib.BlockLayout.from_block_mask(
-            mask, b, b, full_block_mask=mask, max_kv_blocks=kmax),
-        aux={"block_mask": mask, "scores": scores})
+    sparse = self.sparse_plan(q, k, key=key)
+    kb, qb = sparse.layout.num_kv_blocks, sparse.layout.num_q_blocks
     kp, vp = self._pooled(k, v)
     pooled_blocks = layout_lib.cdiv(kp.shape[1], b)
-    only_pooled = np.zeros((1, 1, mask.shape[-2], kb + pooled_blocks), bool)
+    only_pooled = np.zeros((1, 1, qb, kb + pooled_blocks), bool)
     only_pooled[..., kb:] = True
     pooled = base.SparsePlan(
         layout=layout_lib.BlockLayout.from_block_mask(
@@ -220,8 +330,6 @@ class BladeMethod(base.SparseMethod):
                               implementation=implementation,
                               interpret=interpret, **kwargs)
     sparse, pooled = self.branch_plans(q, k, v, key=kwargs.get("key"))
-    attend = dict(sm_scale=sm_scale, return_lse=True,
-                  implementation=implementation, interpret=interpret)
-    out_a, lse_a = sparse.attend(q, k, v, **attend)
-    out_b, lse_b = pooled.attend(q, k, v, **attend)
-    return merge_by_lse(out_a, lse_a, out_b, lse_b)
+    return attend_merged(q, [(sparse, k, v), (pooled, k, v)],
+                         sm_scale=sm_scale, implementation=implementation,
+                         interpret=interpret)

@@ -7,7 +7,8 @@ A token of scale k only sees tokens of scale k (the Markov mask); VAR's
 block-causal baseline lets it see every scale <= k. Scales (1, 4, 9, ...
 tokens) do not align with kernel tiles, so the Markov mask is expressed with
 segment ids (the op's equality predicate inside boundary blocks) and the
-block-causal baseline with the layout's tile pool.
+block-causal baseline with the layout's tile pool. The layout is built once
+on the host (exact Kmax), never under jit.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import stats
 
 from jsparse.masks import static
 from jsparse.methods import base
@@ -78,6 +78,9 @@ def lognorm_scale_weights(patch_nums) -> np.ndarray:
   Scale i gets pdf_N(z_i) / sum(pdf) / pn_i**2 per token, with
   z_i = (pn_{K-1-i} / pn_K - mean) / std over pn / pn_K (sample std).
   """
+  # SciPy is slow to import and only the loss weights need it.
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+
   pn = np.asarray(patch_nums, np.float64)
   ratio = pn / pn[-1]
   z = (ratio[::-1] - ratio.mean()) / ratio.std(ddof=1)

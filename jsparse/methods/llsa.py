@@ -21,6 +21,14 @@ kv axis ([k ; k_1 ; ... ; k_L]) and addressed by the same layout with block
 size Bs: block j of level l holds the Bs children of level-(l+1) token j, so
 (b) is exactly "kv block (offset_l + pick)". The layout is built directly
 from the index lists, O(N * K) memory: no dense block mask is ever formed.
+Every row lists exactly K_1 + K_2 + ... + K_L + ceil(N_L / Bs) blocks, the
+layout's static Kmax (nothing is ever cut).
+
+Calling the method (`merge="lse"`, the default) runs two op calls merged by
+log-sum-exp, the same softmax: (a) + (b) on the Bs-row layout, and (c), the
+N_L keys every query sees, as a dense call over large query blocks, which
+gathers them once per 256 queries instead of once per Bs (at N = 8192 they
+are 32 of the 40 blocks of a row). `plan` returns the single-call form.
 
 Images must be in quadtree Z-order (`zorder_permutation`) so that Bs^l
 consecutive tokens form a square patch; the RoPE table is permuted with them
@@ -38,6 +46,7 @@ import numpy as np
 
 from jsparse.masks import selection
 from jsparse.methods import base
+from jsparse.methods import blade
 from pallas_kernels import layout as layout_lib
 
 # Sequence length from which the official README switches from l1 to l2.
@@ -56,11 +65,15 @@ class LLSAConfig:
     topk: picks per level, an int for every level or a tuple indexed from the
       finest (topk[0]: raw key blocks per query block) to the coarsest
       (topk[L-1]: dense top-k at level L). 8 in the paper.
+    merge: how calling the method attends: "lse" (two op calls merged by
+      log-sum-exp, see the module) or "single" (one call on `plan`); same
+      values and gradients.
   """
 
   num_levels: int | None = None
   block_size: int = 16
   topk: int | tuple[int, ...] = 8
+  merge: str = "lse"
 
   def levels(self, seq_len: int) -> int:
     """L for a sequence of `seq_len` tokens."""
@@ -148,18 +161,20 @@ def hierarchical_topk(q_levels: list[jax.Array], k_levels: list[jax.Array],
   return picks
 
 
-def build_layout(picks: list[jax.Array], seq_len: int, block_size: int
-                 ) -> layout_lib.BlockLayout:
+def build_layout(picks: list[jax.Array], seq_len: int, block_size: int, *,
+                 with_last_level: bool = True) -> layout_lib.BlockLayout:
   """The layout over [k ; k_1 ; ... ; k_L] from the per-level picks.
 
   Args:
     picks: [P_1, ..., P_L] from `hierarchical_topk`.
     seq_len: N, the raw sequence length.
     block_size: Bs (= block_q = block_kv of the layout).
+    with_last_level: list every level-L block in every row; without it the
+      layout covers [k ; k_1 ; ... ; k_{L-1}] only.
 
   Returns:
-    A traced BlockLayout [B, Hq, N / Bs, K_1 + K_2 + ... + K_L + ceil(N_L /
-    Bs)] with every listed block FULL and rows strictly ascending.
+    A traced BlockLayout [B, Hq, N / Bs, K_1 + K_2 + ... + K_L (+ ceil(N_L /
+    Bs))] with every listed block FULL and rows strictly ascending.
   """
   num_q_blocks = seq_len // block_size
   b, h = picks[0].shape[:2]
@@ -172,11 +187,13 @@ def build_layout(picks: list[jax.Array], seq_len: int, block_size: int
     parent = jnp.sort(picks[level], axis=-1)[:, :, ancestor]
     rows.append(parent + offset)
     offset += seq_len // block_size**(level + 1)
-  last_tokens = seq_len // block_size**len(picks)
-  last_blocks = layout_lib.cdiv(last_tokens, block_size)
-  rows.append(jnp.broadcast_to(
-      offset + jnp.arange(last_blocks, dtype=jnp.int32),
-      (b, h, num_q_blocks, last_blocks)))
+  if with_last_level:
+    last_tokens = seq_len // block_size**len(picks)
+    last_blocks = layout_lib.cdiv(last_tokens, block_size)
+    rows.append(jnp.broadcast_to(
+        offset + jnp.arange(last_blocks, dtype=jnp.int32),
+        (b, h, num_q_blocks, last_blocks)))
+    offset += last_blocks
   kv_idx = jnp.concatenate(rows, axis=-1).astype(jnp.int32)
   width = kv_idx.shape[-1]
   return layout_lib.BlockLayout(
@@ -185,7 +202,7 @@ def build_layout(picks: list[jax.Array], seq_len: int, block_size: int
       kv_kind=jnp.full(kv_idx.shape, layout_lib.FULL, jnp.int8),
       block_q=block_size,
       block_kv=block_size,
-      num_kv_blocks=offset + last_blocks)
+      num_kv_blocks=offset)
 
 
 def level_bias(seq_len: int, block_size: int, num_levels: int) -> np.ndarray:
@@ -195,6 +212,11 @@ def level_bias(seq_len: int, block_size: int, num_levels: int) -> np.ndarray:
     parts.append(np.full(seq_len // block_size**level,
                          level * math.log(block_size), np.float32))
   return np.concatenate(parts)[None, None]
+
+
+# Block sizes of the dense call over the level-L keys.
+_GLOBAL_BLOCK_Q = 256
+_GLOBAL_BLOCK_KV = 128
 
 
 class LLSAMethod(base.SparseMethod):
@@ -209,11 +231,33 @@ class LLSAMethod(base.SparseMethod):
       raise ValueError(f"block_size must be >= 2, got {config.block_size}")
     if config.num_levels is not None and config.num_levels < 1:
       raise ValueError(f"num_levels must be >= 1, got {config.num_levels}")
+    if config.merge not in ("lse", "single"):
+      raise ValueError(
+          f"merge must be 'lse' or 'single', got {config.merge!r}")
     self.config = config
+
+  def _select(self, q, k, v):
+    """(L, pooled k levels, pooled v levels, picks) of `plan`'s inputs."""
+    n = q.shape[1]
+    bs = self.config.block_size
+    levels = self.config.levels(n)
+    if k.shape[1] != n:
+      raise ValueError(
+          f"LLSA is self-attention: q has {n} tokens, k has {k.shape[1]}")
+    if n % bs**levels:
+      raise ValueError(
+          f"LLSA with {levels} level(s) needs N divisible by block_size^L = "
+          f"{bs**levels}, got N={n}; pad the sequence")
+    q_levels = pyramid(jax.lax.stop_gradient(q), bs, levels)
+    k_levels = pyramid(k, bs, levels)
+    v_levels = pyramid(v, bs, levels)
+    picks = hierarchical_topk(q_levels, k_levels,
+                              self.config.topk_per_level(levels), bs)
+    return levels, k_levels, v_levels, picks
 
   def plan(self, q: jax.Array, k: jax.Array, v: jax.Array,
            **kwargs) -> base.SparsePlan:
-    """Selects blocks and builds the pooled levels.
+    """Selects blocks and builds the pooled levels (the single-call form).
 
     Args:
       q: [B, N, Hq, D] queries after qk-norm and RoPE, in Z-order for images.
@@ -231,24 +275,51 @@ class LLSAMethod(base.SparseMethod):
         Bs^L.
     """
     del kwargs
-    n = q.shape[1]
-    bs = self.config.block_size
-    levels = self.config.levels(n)
-    if k.shape[1] != n:
-      raise ValueError(
-          f"LLSA is self-attention: q has {n} tokens, k has {k.shape[1]}")
-    if n % bs**levels:
-      raise ValueError(
-          f"LLSA with {levels} level(s) needs N divisible by block_size^L = "
-          f"{bs**levels}, got N={n}; pad the sequence")
-    q_levels = pyramid(jax.lax.stop_gradient(q), bs, levels)
-    k_levels = pyramid(k, bs, levels)
-    v_levels = pyramid(v, bs, levels)
-    picks = hierarchical_topk(q_levels, k_levels,
-                              self.config.topk_per_level(levels), bs)
+    n, bs = q.shape[1], self.config.block_size
+    levels, k_levels, v_levels, picks = self._select(q, k, v)
     return base.SparsePlan(
         layout=build_layout(picks, n, bs),
         extra_k=jnp.concatenate(k_levels, axis=1),
         extra_v=jnp.concatenate(v_levels, axis=1),
         bias_k=jnp.asarray(level_bias(n, bs, levels)),
         aux={"picks": picks})
+
+  def branches(self, q: jax.Array, k: jax.Array, v: jax.Array):
+    """The two-call form: [(local plan, k, v), (global plan, k_L, v_L)].
+
+    The local plan lists (a) and (b) over [k ; k_1 ; ... ; k_{L-1}]; the
+    global plan is every query against the level-L keys (c), dense, in
+    blocks of 256 queries. Merged by LSE they equal `plan`'s softmax.
+
+    Args:
+      q, k, v: as `plan`.
+    """
+    n, bs = q.shape[1], self.config.block_size
+    levels, k_levels, v_levels, picks = self._select(q, k, v)
+    local = base.SparsePlan(
+        layout=build_layout(picks, n, bs, with_last_level=False),
+        aux={"picks": picks})
+    if levels > 1:
+      local = local.replace(
+          extra_k=jnp.concatenate(k_levels[:-1], axis=1),
+          extra_v=jnp.concatenate(v_levels[:-1], axis=1),
+          bias_k=jnp.asarray(level_bias(n, bs, levels - 1)))
+    k_top, v_top = k_levels[-1], v_levels[-1]
+    size = k_top.shape[1]
+    global_ = base.SparsePlan(
+        layout=layout_lib.BlockLayout.dense(
+            n, size, block_q=min(n, _GLOBAL_BLOCK_Q),
+            block_kv=min(size, _GLOBAL_BLOCK_KV)),
+        bias_k=jnp.full((1, 1, size), levels * math.log(bs), jnp.float32))
+    return [(local, k, v), (global_, k_top, v_top)]
+
+  def __call__(self, q, k, v, *, sm_scale=None, implementation=None,
+               interpret=False, **kwargs):
+    """plan + attend; with merge="lse", the two-call form (see `branches`)."""
+    if self.config.merge == "single":
+      return super().__call__(q, k, v, sm_scale=sm_scale,
+                              implementation=implementation,
+                              interpret=interpret, **kwargs)
+    return blade.attend_merged(q, self.branches(q, k, v), sm_scale=sm_scale,
+                               implementation=implementation,
+                               interpret=interpret)

@@ -16,7 +16,8 @@ up to a multiple of the block and at least `min_span`; the sink part
 s_h = min(S_h, sink_tokens) lies inside the span and the window is
 w_h = S_h - s_h. Prefill is block-aligned (query block i sees kv blocks
 j <= i with j < s_h / b or j > i - w_h / b, causal inside the diagonal
-block); decode is token-exact. Profiling/search (as the official pipeline):
+block); decode is token-exact. Both layouts are built on the host (exact
+Kmax), never under jit. Profiling/search (as the official pipeline):
 a rule keeps a causal band of floor(alpha / b + beta * n_b) blocks plus
 block column 0, and density counts causal (lower-triangular) tiles.
 
@@ -263,7 +264,7 @@ def _layer_probs(model: TinyLM, tokens):
   return probs
 
 
-# -- candidate rules and the MILP -----------------------------------------------
+# -- candidate rules and the MILP ---------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -433,7 +434,7 @@ def load_configs(path: str, **overrides) -> list[MoAConfig]:
           for a, b in zip(plan["alphas"], plan["betas"])]
 
 
-# -- CLI ---------------------------------------------------------------------------
+# -- CLI ----------------------------------------------------------------------
 
 
 def _default_text(limit: int = 2_000_000) -> bytes:

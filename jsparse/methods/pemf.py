@@ -22,6 +22,7 @@ import dataclasses
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jsparse.masks import static
 from jsparse.methods import base
@@ -101,18 +102,20 @@ class PEMFMethod(base.SparseMethod):
       allowed: optional bool [B', T, N] query-dependent point mask.
 
     Returns:
-      A SparsePlan with one kv block of N keys, every block partial.
+      A SparsePlan with one kv block of N keys (Kmax = 1), every block
+      partial: a host layout, or a traced one with `allowed`.
     """
     del v, kwargs
     t, n = q.shape[1], k.shape[1]
     block_q = min(self.config.block_q, t)
     if allowed is None:
-      kind = jnp.full((1, 1, layout_lib.cdiv(t, block_q), 1),
-                      layout_lib.PARTIAL, jnp.int8)
+      kind = np.full((1, 1, layout_lib.cdiv(t, block_q), 1),
+                     layout_lib.PARTIAL, np.int8)
       layout = layout_lib.BlockLayout.from_kind_map(kind, block_q, n)
     else:
+      # One kv block holds all N points: Kmax = 1.
       layout = static.demote_full(layout_lib.BlockLayout.from_element_mask(
-          allowed[:, None], block_q, n))
+          allowed[:, None], block_q, n, max_kv_blocks=1))
     kv_seg = visible.astype(jnp.int32)
     return base.SparsePlan(
         layout=layout, bias_k=point_bias, kv_segment_ids=kv_seg,

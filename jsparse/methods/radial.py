@@ -11,7 +11,8 @@ S / 2**g drops below one block only every (block / (S / 2**g))-th frame
 distance is kept. Frame 0 is an attention sink (Wan), and text tokens
 appended after the video are dense. The token mask is reduced per frame pair
 to a block layout by the official majority rule; the op then runs exact
-block-sparse attention with no element mask.
+block-sparse attention with no element mask. The layout is built once on the
+host (exact Kmax), never under jit.
 """
 
 from __future__ import annotations

@@ -8,10 +8,11 @@ sequence is [instruction (I)] [L items x n_q tokens] [response (R)]
 [n_q query tokens]. Each token has a group id (its item for history tokens,
 a unique id otherwise, one shared id for the queries) and token i sees key j
 iff j == i, or j < i and g(j) != g(i): no attention inside an item,
-item-level causality, and queries that see the context and only themselves. Tokens of one item share a
-position id. The "not equal" rule has no op predicate, so boundary blocks
-use the layout's tile pool; left-padded items are masked as keys by segment
-ids.
+item-level causality, and queries that see the context and only themselves.
+Tokens of one item share a position id. The "not equal" rule has no op
+predicate, so boundary blocks use the layout's tile pool; left-padded items
+are masked as keys by segment ids. The layout is built once on the host
+(exact Kmax), never under jit.
 """
 
 from __future__ import annotations

@@ -184,10 +184,14 @@ class SwinBERTMethod(base.SparseMethod):
                            logit_q=logit_q, logit_k=logit_k, **segments)
 
   def _hard_layout(self, padded: bool) -> layout_lib.BlockLayout:
+    """Host layout when W is concrete (exact Kmax); under jit a traced one
+    with Kmax = Kb: the learned mask has no budget, so any kv block may be
+    on."""
     mask = self.element_mask(hard=True)
     beta = self.config.block_size
+    capacity = layout_lib.cdiv(self.config.seq_len, beta)
     if not isinstance(mask, jax.core.Tracer):
-      mask = np.asarray(mask)
-    layout = layout_lib.BlockLayout.from_element_mask(mask[None, None], beta,
-                                                      beta)
+      mask, capacity = np.asarray(mask), None
+    layout = layout_lib.BlockLayout.from_element_mask(
+        mask[None, None], beta, beta, max_kv_blocks=capacity)
     return static.demote_full(layout) if padded else layout

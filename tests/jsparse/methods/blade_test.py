@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from absl.testing import absltest
 import jax
 import jax.numpy as jnp
@@ -46,7 +48,7 @@ class BladeTest(mtb.MethodTestBase):
     return (*mtb.random_qkv(0, _B, _T, _T, _H, _H, _D), {})
 
   def test_matches_dense_reference(self):
-    """Single call == dense softmax over the explicit union; values, grads."""
+    """The method == dense softmax over the explicit union; values, grads."""
     method = self.make_method()
     q, k, v, _ = self.inputs(method)
     mask = method.block_mask(q, k)[0]
@@ -56,9 +58,8 @@ class BladeTest(mtb.MethodTestBase):
 
   def test_lse_merge_equals_single_call(self):
     q, k, v, _ = self.inputs(None)
-    single = blade.BladeMethod(_CFG)
-    merged = blade.BladeMethod(blade.BladeConfig(**{
-        **_CFG.__dict__, "merge": "lse"}))
+    single = blade.BladeMethod(dataclasses.replace(_CFG, merge="single"))
+    merged = blade.BladeMethod(dataclasses.replace(_CFG, merge="lse"))
     np.testing.assert_allclose(
         jax.jit(lambda *a: merged(*a, implementation="xla"))(q, k, v),
         jax.jit(lambda *a: single(*a, implementation="xla"))(q, k, v),
@@ -71,6 +72,29 @@ class BladeTest(mtb.MethodTestBase):
     for a, b in zip(*grads):
       np.testing.assert_allclose(a, b, atol=tolerances.grad_atol(
           jnp.float32) * 5)
+
+  def test_causal_matches_dense_causal_reference(self):
+    """Causal, no global branch: op == dense causal masked attention."""
+    cfg = dataclasses.replace(_CFG, causal=True, global_branch=False)
+    method = blade.BladeMethod(cfg)
+    q, k, v, _ = self.inputs(method)
+    mask = np.asarray(method.block_mask(q, k)[0])
+    qb, kb = mask.shape[-2:]
+    past, crossing = blade.causal_blocks(qb, kb, cfg.block_size,
+                                         cfg.block_size)
+    np.testing.assert_array_equal(mask[..., ~(past | crossing)], False)
+    np.testing.assert_array_equal(mask[..., crossing], True)
+    self.assertTrue(np.any(mask[..., past]))
+    b = cfg.block_size
+    elem = np.repeat(np.repeat(mask, b, -2), b, -1)
+    elem &= np.tril(np.ones((_T, _T), bool))
+    run = jax.jit(lambda *a: method(*a, implementation="xla"))
+    ref = lambda *a: mtb.masked_attention(*a, elem)
+    mtb.assert_values_and_grads_close(run, ref, q, k, v)
+
+  def test_causal_has_no_global_branch(self):
+    with self.assertRaisesRegex(ValueError, "global_branch=False"):
+      blade.BladeMethod(dataclasses.replace(_CFG, causal=True))
 
   def test_mask_rule_and_clamps(self):
     # 20 blocks; row 0 holds 96% of its mass in 3 blocks, row 1 is flat.

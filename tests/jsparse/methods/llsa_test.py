@@ -90,14 +90,16 @@ def _inputs(seed, n, hq=2, hkv=2, d=16, b=1):
 class LLSATest(parameterized.TestCase):
 
   @parameterized.named_parameters(
-      ("l1", 512, 16, 1, 4, 2, 2, 32),
-      ("l2", 1024, 16, 2, (4, 2), 2, 2, 16),
-      ("l3_gqa", 256, 4, 3, (3, 2, 2), 4, 2, 16),
+      ("l1", 512, 16, 1, 4, 2, 2, 32, "lse"),
+      ("l2", 1024, 16, 2, (4, 2), 2, 2, 16, "lse"),
+      ("l3_gqa", 256, 4, 3, (3, 2, 2), 4, 2, 16, "lse"),
+      ("l2_single", 1024, 16, 2, (4, 2), 2, 2, 16, "single"),
   )
   def test_matches_reference_values_and_grads(self, n, bs, levels, topk, hq,
-                                              hkv, d):
+                                              hkv, d, merge):
     method = llsa.LLSAMethod(llsa.LLSAConfig(num_levels=levels,
-                                             block_size=bs, topk=topk))
+                                             block_size=bs, topk=topk,
+                                             merge=merge))
     q, k, v = _inputs(0, n, hq, hkv, d)
     plan = jax.jit(method.plan)(q, k, v)
     jax.tree.map(np.asarray, plan.layout).validate()

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from absl.testing import absltest
+from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jsparse.methods import blade
 from jsparse.methods import psa
 from tests import tolerances
 from tests.jsparse.methods import method_test_base as mtb
@@ -17,10 +21,13 @@ _CFG = psa.PSAConfig(block_q=32, block_kv=32, tile_kv=None)
 
 def _expanded_reference(q, k, v, levels, config):
   """Dense softmax over explicitly built keys: level-P blocks are the
-  P-pooled keys each repeated P times (no bias needed)."""
+  P-pooled keys each repeated P times (no bias needed). A repeated key keeps
+  the position of the token it repeats, so with `config.causal` query i sees
+  copies of positions j <= i only."""
   b, s, h, d = k.shape
   bn = config.block_kv
   levels = np.asarray(levels)  # [B, H, Qb, Kb]
+  causal = np.tril(np.ones((q.shape[1], s), bool)) if config.causal else True
   ks, vs, masks = [], [], []
   for level in config.levels:
     pk = k.reshape(b, s // level, level, h, d).mean(2)
@@ -28,7 +35,7 @@ def _expanded_reference(q, k, v, levels, config):
     ks.append(jnp.repeat(pk, level, axis=1))
     vs.append(jnp.repeat(pv, level, axis=1))
     cols = np.repeat(levels == level, bn, -1)
-    masks.append(np.repeat(cols, config.block_q, -2))
+    masks.append(np.repeat(cols, config.block_q, -2) & causal)
   return mtb.masked_attention(q, jnp.concatenate(ks, 1),
                               jnp.concatenate(vs, 1),
                               np.concatenate(masks, -1))
@@ -57,13 +64,16 @@ class PSATest(mtb.MethodTestBase):
     ref = lambda *a: _expanded_reference(*a, levels, _CFG)
     mtb.assert_values_and_grads_close(run, ref, q, k, v)
 
-  def test_method_matches_its_levels(self):
-    method = self.make_method()
+  @parameterized.parameters("thresholdbound", "topk")
+  def test_method_matches_its_levels(self, mode):
+    # thresholdbound calls `plan`; topk runs one call per level.
+    cfg = dataclasses.replace(_CFG, mode=mode, fractions=(0.25,) * 4)
+    method = psa.PSAMethod(cfg)
     q, k, v, _ = self.inputs(method)
     plan = jax.jit(method.plan)(q, k, v)
     out = jax.jit(lambda *a: method(*a, implementation="xla"))(q, k, v)
     np.testing.assert_allclose(
-        out, _expanded_reference(q, k, v, plan.aux["levels"], _CFG),
+        out, _expanded_reference(q, k, v, plan.aux["levels"], cfg),
         atol=tolerances.atol(jnp.float32) * 5)
     again = jax.jit(method.plan)(q, k, v)
     np.testing.assert_array_equal(plan.aux["levels"], again.aux["levels"])
@@ -92,6 +102,30 @@ class PSATest(mtb.MethodTestBase):
                         fractions=(0.1, 0.05, 0.1, 0.15))
     got = np.asarray(psa.level_map(scores, cfg))
     np.testing.assert_array_equal((got == 8).sum(-1), 8)  # 6 rounded up
+
+  @parameterized.parameters((32, 32), (32, 16))
+  def test_causal_matches_dense_causal_reference(self, block_q, block_kv):
+    """Causal: values and gradients of the op == causal repeat-P reference."""
+    cfg = dataclasses.replace(_CFG, block_q=block_q, block_kv=block_kv,
+                              mode="topk", fractions=(0.25,) * 4,
+                              causal=True)
+    method = psa.PSAMethod(cfg)
+    q, k, v, _ = self.inputs(method)
+    levels = np.asarray(jax.jit(method.plan)(q, k, v).aux["levels"])
+    past, crossing = blade.causal_blocks(*levels.shape[-2:], block_q,
+                                         block_kv)
+    np.testing.assert_array_equal(levels[..., ~(past | crossing)], 0)
+    np.testing.assert_array_equal(levels[..., crossing], 1)
+    self.assertTrue(np.any(levels[..., past] > 1))  # pooled past blocks
+    run = jax.jit(lambda *a: method(*a, implementation="xla"))
+    ref = lambda *a: _expanded_reference(*a, levels, cfg)
+    mtb.assert_values_and_grads_close(run, ref, q, k, v)
+
+  def test_causal_needs_self_attention(self):
+    method = psa.PSAMethod(dataclasses.replace(_CFG, causal=True))
+    q, k, v, _ = self.inputs(method)
+    with self.assertRaisesRegex(ValueError, "self-attention"):
+      method.plan(q, k[:, :64], v[:, :64])
 
   def test_level_one_everywhere_is_dense(self):
     q, k, v, _ = self.inputs(None)
