@@ -2,7 +2,8 @@
 
 All functions are jit-able and gradient-free by construction (scores pass
 through `stop_gradient`); they turn q/k into boolean block masks
-[B, H, Qb, Kb] that `BlockLayout.from_block_mask` compacts.
+[B, H, Qb, Kb] that `BlockLayout.from_block_mask` compacts, or into key index
+lists for a `RowLayout` (`prefix_topk_rows`, `topk_keys`).
 """
 
 from __future__ import annotations
@@ -246,7 +247,8 @@ def prefix_topk_mask(scores: jax.Array, k: int) -> jax.Array:
 
   Ties go to the lower index (as `jax.lax.top_k`). Key j's rank among the
   keys 0..i is the number of better keys j' <= i, a cumulative sum over j',
-  so no sort is needed; memory is O(S**2) per row of `scores`.
+  so no sort is needed; memory is O(S**2) per row of `scores`: the dense
+  oracle of `prefix_topk_rows`, for small S.
 
   Args:
     scores: [..., S] per-key scores (no gradient flows through the choice).
@@ -268,22 +270,215 @@ def prefix_topk_mask(scores: jax.Array, k: int) -> jax.Array:
   return ~earlier & (rank < k)
 
 
-def block_majority(mask: jax.Array, block: int) -> jax.Array:
-  """Block smoothing: keep a block iff more than half its entries are set.
+def _rankable(scores: jax.Array) -> jax.Array:
+  """f32 scores in which top_k's order is that of `>` and `==`.
 
-  A ragged last block votes over its valid entries only.
+  -inf is reserved for "no key" (a real -inf becomes the f32 min), and -0.0
+  becomes 0.0 (top_k puts it below 0.0 although they compare equal).
+  """
+  scores = jax.lax.stop_gradient(scores).astype(jnp.float32)
+  scores = jnp.where(scores == 0, 0.0, scores)
+  return jnp.maximum(scores, jnp.finfo(jnp.float32).min)
+
+
+def _key_blocks(scores: jax.Array, block: int) -> jax.Array:
+  """[..., S] -> [..., ceil(S / block), block], padded with -inf."""
+  n = layout_lib.cdiv(scores.shape[-1], block)
+  pad = [(0, 0)] * (scores.ndim - 1) + [(0, n * block - scores.shape[-1])]
+  padded = jnp.pad(scores, pad, constant_values=-jnp.inf)
+  return padded.reshape(*scores.shape[:-1], n, block)
+
+
+def prefix_topk_states(scores: jax.Array, k: int, block: int
+                       ) -> tuple[jax.Array, jax.Array]:
+  """Top-k keys of every block-aligned prefix, by a running blockwise merge.
+
+  Key j beats key j' when its score is higher, ties going to the lower
+  index. State a + 1 is the top-k of state a and the keys of block a (the
+  top-k of a union only needs the top-k of each part), so one scan step
+  costs a top_k over k + block entries: O(S / block * (k + block) log k).
 
   Args:
-    mask: bool [..., S].
+    scores: [..., S] per-key scores (no gradient flows through the choice).
+    k: keys kept per prefix, clamped to S.
+    block: prefix stride.
+
+  Returns:
+    (values f32 [..., N + 1, k'], idx int32 [..., N + 1, k']) with
+    N = ceil(S / block), k' = min(k, S): state a lists the top-k' keys of
+    [0, a * block), best first; value -inf marks an empty slot.
+  """
+  scores = _rankable(scores)
+  lead = scores.shape[:-1]
+  k = min(k, scores.shape[-1])
+  blocks = jnp.moveaxis(_key_blocks(scores, block), -2, 0)  # [N, ..., R]
+  ids = jnp.arange(blocks.shape[0] * block, dtype=jnp.int32).reshape(
+      blocks.shape[0], *(1,) * len(lead), block)
+
+  def merge(state, block_keys):
+    # Candidates are in index order among equal scores (the state holds
+    # lower indices, ordered by the same rule), as top_k's ties need.
+    values = jnp.concatenate([state[0], block_keys[0]], -1)
+    idx = jnp.concatenate([state[1], jnp.broadcast_to(
+        block_keys[1], block_keys[0].shape)], -1)
+    top, slot = jax.lax.top_k(values, k)
+    return (top, jnp.take_along_axis(idx, slot, -1)), state
+
+  empty = (jnp.full((*lead, k), -jnp.inf), jnp.zeros((*lead, k), jnp.int32))
+  last, states = jax.lax.scan(merge, empty, (blocks, ids))
+  values, idx = (jnp.moveaxis(jnp.concatenate([s, l[None]], 0), 0, -2)
+                 for s, l in zip(states, last))
+  return values, idx
+
+
+def _visible_rows(tail_v: jax.Array, tail_ok: jax.Array, new_v: jax.Array,
+                  new_ok: jax.Array, prefix: jax.Array, k: int) -> jax.Array:
+  """Row r of a group sees a contested key while r < its end (in [0, R]).
+
+  Contested keys are the tail of top(a - 1) (always available) and the R
+  new keys (key r' from row r'). Rows are replayed in order: while the
+  prefix holds fewer than k keys the new key enters; otherwise it enters
+  iff it beats the worst visible key, which then leaves. The worst visible
+  key is never one of the k - tail best of top(a - 1), so it is the lowest
+  contested value, the last one among equal values (candidates are in
+  beat order within the tail and index order among the new keys, the tail
+  before them).
+
+  Args:
+    tail_v: f32 [P, t] worst entries of top(a - 1), best first.
+    tail_ok: bool [P, t] which of them are keys.
+    new_v: f32 [P, R] scores of the group's keys.
+    new_ok: bool [P, R] which of them are keys (< S).
+    prefix: int32 [P] a, keys before the group.
+    k: keys kept per row.
+
+  Returns:
+    int32 [P, t + R]: the end row of each contested key (tail, then new);
+    new key r' is visible on rows [r', end).
+  """
+  t, group = tail_v.shape[-1], new_v.shape[-1]
+  values = jnp.concatenate([tail_v, new_v], -1)
+  slots = jnp.arange(t + group)
+
+  def insert(state, r):
+    alive, end = state
+    x, ok = new_v[:, r], new_ok[:, r]
+    full = prefix + r >= k
+    worst = t + group - 1 - jnp.argmin(
+        jnp.where(alive, values, jnp.inf)[:, ::-1], axis=-1)
+    worst_v = jnp.take_along_axis(values, worst[:, None], -1)[:, 0]
+    evict = full & ok & (x > worst_v)
+    enter = ok & (~full | evict)
+    out = (slots[None, :] == worst[:, None]) & evict[:, None]
+    slot = (slots == t + r)[None, :]
+    alive = (alive & ~out) | (slot & enter[:, None])
+    end = jnp.where(out | (slot & ~enter[:, None]), r, end)
+    return (alive, end), None
+
+  alive = jnp.concatenate([tail_ok, jnp.zeros_like(new_ok)], -1)
+  end = jnp.full(values.shape, group, jnp.int32)
+  (_, end), _ = jax.lax.scan(insert, (alive, end), jnp.arange(group))
+  return end
+
+
+def prefix_topk_rows(scores: jax.Array, k: int, group: int
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Per-row causal top-k as row-sparse lists, without any S x S array.
+
+  Row i keeps top(i), the k best of keys 0..i (ties: lower index). For the
+  group of rows a..a+R-1 (R = group), claim: top(i) is a subset of
+  C = top(a - 1) | {a..a+R-1}. Proof: if j < a is in top(i), fewer than k
+  keys <= i beat it, so fewer than k keys < a do and j is in top(a - 1).
+  So each group lists the R + k keys of C. top(i) is top(i - 1) plus key i
+  if that beats the worst of top(i - 1), which then leaves; a key that
+  left never returns (its beaters only accumulate), so each key is visible
+  on one interval of the group's rows, and only the new keys and the R
+  worst of top(a - 1) can leave within the group. Work: O(S / R * (k + R)
+  log k) for the prefixes, O(S * (k + R)) for the lists and row masks.
+
+  Args:
+    scores: [..., S] per-key scores (no gradient flows through the choice).
+    k: keys kept per row, clamped to S.
+    group: R, query rows sharing one list (the RowLayout's group_size).
+
+  Returns:
+    kv_idx int32 [..., Qg, R + k'] (the R keys of the group, then top(a-1)
+    best first; entries >= S are padding), kv_cnt int32 [..., Qg] and
+    row_mask bool [..., Qg, R, R + k'], Qg = ceil(S / R), k' = min(k, S).
+  """
+  scores = _rankable(scores)
+  lead, s = scores.shape[:-1], scores.shape[-1]
+  k = min(k, s)
+  old_v, old_i = (x[..., :-1, :] for x in prefix_topk_states(scores, k,
+                                                             group))
+  new_v = _key_blocks(scores, group)  # [..., Qg, R]
+  qg = new_v.shape[-2]
+  start = jnp.arange(qg, dtype=jnp.int32)[:, None] * group  # [Qg, 1]
+  r = jnp.arange(group, dtype=jnp.int32)
+  tail = min(group, k)  # slots of top(a - 1) that R new keys can push out
+  flat = lambda x: x.reshape(-1, x.shape[-1])
+  tail_v = flat(old_v[..., k - tail:])
+  end = _visible_rows(
+      tail_v, tail_v > -jnp.inf, flat(new_v),
+      flat(jnp.broadcast_to(start + r[None, :] < s, new_v.shape)),
+      jnp.broadcast_to(start[:, 0], new_v.shape[:-1]).reshape(-1), k)
+  end = end.reshape(*lead, qg, tail + group)
+  # Slots in list order: new keys (visible from their own row), then
+  # top(a - 1), whose k - tail best are visible on every row.
+  first = jnp.concatenate([r, jnp.zeros(k, jnp.int32)])
+  last = jnp.concatenate([
+      end[..., tail:], jnp.full((*lead, qg, k - tail), group, jnp.int32),
+      end[..., :tail]], -1)
+  rows = r.reshape((1,) * (len(lead) + 1) + (group, 1))
+  row_mask = ((rows >= first.reshape((1,) * (rows.ndim - 1) + (-1,)))
+              & (rows < last[..., None, :]))
+  kv_idx = jnp.concatenate([
+      jnp.broadcast_to(start + r[None, :], (*lead, qg, group)), old_i], -1)
+  kv_cnt = jnp.broadcast_to(group + jnp.minimum(start[:, 0], k),
+                            (*lead, qg))
+  return kv_idx, kv_cnt.astype(jnp.int32), row_mask
+
+
+def topk_keys(scores: jax.Array, k: int, *, valid: jax.Array | None = None
+              ) -> tuple[jax.Array, jax.Array]:
+  """The k best keys of each row as an index list (ties: lower index).
+
+  Args:
+    scores: [..., S] per-key scores (no gradient flows through the choice).
+    k: keys kept, clamped to S.
+    valid: optional bool [..., S] (broadcastable): only these are keys.
+
+  Returns:
+    idx int32 [..., min(k, S)] best first, and cnt int32 [...]: the number
+    of leading entries that are keys (fewer than k when few are valid).
+  """
+  scores = _rankable(scores)
+  if valid is not None:
+    scores = jnp.where(valid, scores, -jnp.inf)
+  values, idx = jax.lax.top_k(scores, min(k, scores.shape[-1]))
+  return idx, jnp.sum(values > -jnp.inf, -1).astype(jnp.int32)
+
+
+def block_majority(idx: jax.Array, valid: jax.Array, num_keys: int,
+                   block: int) -> jax.Array:
+  """Block smoothing of key lists: keep blocks with most of their keys listed.
+
+  A block is kept iff more than half of its keys are listed; a ragged last
+  block votes over its valid keys only.
+
+  Args:
+    idx: int [..., L] distinct key indices in [0, num_keys).
+    valid: bool [..., L] which entries are listed.
+    num_keys: S.
     block: block size.
 
   Returns:
     bool [..., ceil(S / block)].
   """
-  s = mask.shape[-1]
-  n = layout_lib.cdiv(s, block)
-  padded = jnp.pad(mask.astype(jnp.int32),
-                   [(0, 0)] * (mask.ndim - 1) + [(0, n * block - s)])
-  count = padded.reshape(*mask.shape[:-1], n, block).sum(-1)
-  valid = jnp.minimum(block, s - jnp.arange(n) * block)
-  return 2 * count > jnp.broadcast_to(valid, count.shape)
+  n = layout_lib.cdiv(num_keys, block)
+  cols = jnp.where(valid, idx // block, n).reshape(-1, idx.shape[-1])
+  rows = jnp.arange(cols.shape[0])[:, None]
+  count = jnp.zeros((cols.shape[0], n + 1), jnp.int32).at[rows, cols].add(1)
+  count = count[:, :n].reshape(*idx.shape[:-1], n)
+  size = jnp.minimum(block, num_keys - jnp.arange(n) * block)
+  return 2 * count > jnp.broadcast_to(size, count.shape)

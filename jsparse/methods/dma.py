@@ -18,11 +18,16 @@ than the window:
   output is 0, never NaN). The two variants are not interchangeable: a model
   is trained with one of them.
 
-With `granularity="element"` the exact mask reaches the op through the tile
-pool of `BlockLayout.from_element_mask` (built under jit). With
-`granularity="block"`, each key block is kept iff more than half of its keys
-were selected ("block smoothing"), so the op skips whole tiles and needs no
-element mask beyond the causal diagonal.
+With `granularity="element"` the exact selection reaches the op as a
+`RowLayout` (key lists, never an S x S mask). "per_row" lists, for each
+group of `block_size` queries, the group's own keys plus the top-w of the
+keys before it (Kmax = w + group, a row mask says which row sees which);
+neighbouring rows share almost all of their w keys, so one gathered list
+serves the whole group. "query_agnostic" lists the same w keys for every
+group (Kmax = w) and leaves causality to the op. With `granularity="block"`,
+each key block is kept iff more than half of its keys were selected ("block
+smoothing"): a `BlockLayout` whose op skips whole tiles and needs no element
+mask beyond the causal diagonal.
 """
 
 from __future__ import annotations
@@ -32,10 +37,10 @@ import dataclasses
 from flax import nnx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jsparse.masks import selection
 from jsparse.methods import base
+from pallas_kernels import RowLayout
 from pallas_kernels import layout as layout_lib
 
 PER_ROW = "per_row"
@@ -55,13 +60,14 @@ class DMAConfig:
       (2048 in DogeConfig).
     variant: "per_row" (causal top-w of each row's prefix) or
       "query_agnostic" (one top-w over all keys, then causal).
-    granularity: "element" (exact mask, tile pool) or "block" (block-smoothed
-      mask, whole tiles skipped).
+    granularity: "element" (exact selection, row-sparse lists) or "block"
+      (block-smoothed mask, whole tiles skipped).
     exp_bias: beta = exp(A * softplus(dt)) (paper, Aug 2025) instead of
       A * softplus(dt) (current code, default).
     dt_bias: a bias in the dt projection (Doge's `attention_bias`).
     causal: causal attention (decoders). `per_row` requires it.
-    block_size: layout block size (clipped to the sequence length).
+    block_size: layout block size, and the query group of the row lists
+      (clipped to the sequence length).
   """
 
   num_kv_heads: int = 2
@@ -122,24 +128,33 @@ class DMAMethod(base.SparseMethod):
       beta = jnp.exp(beta)
     return jnp.transpose(beta, (0, 2, 1))
 
-  def key_selection(self, beta: jax.Array) -> jax.Array:
-    """The element mask of kept keys (causality included when causal).
+  def selection_layout(self, scores: jax.Array) -> RowLayout:
+    """The exact ("element") top-w selection as row-sparse lists.
 
     Args:
-      beta: [B, Hkv, S] key scores (the choice gets no gradient).
+      scores: [B, Hkv, S] key scores (the choice gets no gradient).
 
     Returns:
-      bool [B, Hkv, S, S] for "per_row" (or causal "query_agnostic"), bool
-      [B, Hkv, 1, S] for non-causal "query_agnostic".
+      A RowLayout [B, Hkv] with group_size = min(block_size, S): for
+      "per_row" the group's keys and the top-w of the keys before it, with
+      a row mask (causality included); for "query_agnostic" the w best keys
+      for every group, no row mask (the op applies causality).
     """
     cfg = self.config
+    s = scores.shape[-1]
+    group = min(cfg.block_size, s)
     if cfg.variant == PER_ROW:
-      return selection.prefix_topk_mask(beta, cfg.window)
-    keys = selection.topk_block_mask(beta[:, :, None, :], cfg.window)
-    if not cfg.causal:
-      return keys
-    s = beta.shape[-1]
-    return keys & jnp.asarray(np.tril(np.ones((1, 1, s, s), bool)))
+      kv_idx, kv_cnt, row_mask = selection.prefix_topk_rows(
+          scores, cfg.window, group)
+      return RowLayout.from_indices(kv_idx, kv_cnt, num_keys=s,
+                                    group_size=group, row_mask=row_mask)
+    idx, cnt = selection.topk_keys(scores, cfg.window)
+    groups = layout_lib.cdiv(s, group)
+    return RowLayout.from_indices(
+        jnp.broadcast_to(idx[:, :, None], (*idx.shape[:2], groups,
+                                           idx.shape[-1])),
+        jnp.broadcast_to(cnt[:, :, None], (*cnt.shape, groups)),
+        num_keys=s, group_size=group)
 
   def plan(self, q, k, v, **kwargs) -> base.SparsePlan:
     """Plans self-attention over S = T tokens.
@@ -150,7 +165,8 @@ class DMAMethod(base.SparseMethod):
 
     Returns:
       A SparsePlan with bias_k [B, Hkv, T] and a layout that is the static
-      (causal) dense one when T <= window, else the traced top-w layout.
+      (causal) dense one when T <= window, else the traced top-w layout
+      (`selection_layout`, or the block-smoothed BlockLayout).
     """
     del kwargs
     cfg = self.config
@@ -171,11 +187,10 @@ class DMAMethod(base.SparseMethod):
       return base.SparsePlan(layout=layout, bias_k=beta)
     scores = jax.lax.stop_gradient(beta)
     if cfg.granularity == ELEMENT:
-      layout = layout_lib.BlockLayout.from_element_mask(
-          self.key_selection(scores), block, block)
-    else:
-      layout = self._block_layout(scores, block)
-    return base.SparsePlan(layout=layout, bias_k=beta)
+      return base.SparsePlan(layout=self.selection_layout(scores),
+                             bias_k=beta, causal=cfg.causal)
+    return base.SparsePlan(layout=self._block_layout(scores, block),
+                           bias_k=beta)
 
   def _block_layout(self, scores, block):
     """Block-smoothed layout: per query block, majority vote per key block."""
@@ -183,21 +198,28 @@ class DMAMethod(base.SparseMethod):
     s = scores.shape[-1]
     if cfg.variant == PER_ROW:
       # A query block uses the selection of its last row (its whole prefix).
-      last = np.minimum(np.arange(layout_lib.cdiv(s, block)) * block
-                        + block, s) - 1
-      keys = selection.prefix_topk_mask(scores, cfg.window)[:, :, last]
+      values, idx = selection.prefix_topk_states(scores, cfg.window, block)
+      idx, valid = idx[..., 1:, :], values[..., 1:, :] > -jnp.inf
     else:
-      keys = selection.topk_block_mask(scores[:, :, None, :], cfg.window)
-    keep = selection.block_majority(keys, block)  # [B, Hkv, Qb|1, Kb]
+      idx, cnt = selection.topk_keys(scores, cfg.window)
+      valid = jnp.arange(idx.shape[-1])[None, None, :] < cnt[..., None]
+      idx, valid = idx[:, :, None], valid[:, :, None]
+    kb = layout_lib.cdiv(s, block)
+    keep = jnp.broadcast_to(selection.block_majority(idx, valid, s, block),
+                            (*scores.shape[:2], kb, kb))
+    # A kept block holds block // 2 + 1 of the w keys (+1: a ragged block).
+    kmax = min(kb, cfg.window // (block // 2 + 1) + 1)
     if not cfg.causal:
       return layout_lib.BlockLayout.from_block_mask(
-          keep, block, block, full_block_mask=jnp.ones_like(keep))
+          keep, block, block, full_block_mask=jnp.ones_like(keep),
+          max_kv_blocks=kmax)
     kind = layout_lib.BlockLayout.causal(s, block_q=block,
                                          block_kv=block).to_block_mask()
     allowed = jnp.asarray(kind != layout_lib.EMPTY)
     full = jnp.asarray(kind == layout_lib.FULL)
     return layout_lib.BlockLayout.from_block_mask(
-        keep & allowed, block, block, full_block_mask=full, band=(None, 0))
+        keep & allowed, block, block, full_block_mask=full,
+        max_kv_blocks=kmax, band=(None, 0))
 
   def decode_plan(self, q, k, v, *, index) -> base.SparsePlan:
     """One query at position `index` over the cache: top-w of keys <= index.
@@ -209,15 +231,15 @@ class DMAMethod(base.SparseMethod):
       index: int32 scalar (may be traced), the query's position.
 
     Returns:
-      A SparsePlan with a traced element layout and bias_k [B, Hkv, S_max].
+      A SparsePlan with a traced RowLayout (one row, Kmax = w) and bias_k
+      [B, Hkv, S_max].
     """
     del q, k
     beta = self.key_bias(v)
     s = beta.shape[-1]
-    valid = (jnp.arange(s) <= index)[None, None, :]
-    scores = jnp.where(valid, jax.lax.stop_gradient(beta), -jnp.inf)
-    keys = selection.topk_block_mask(scores[:, :, None, :],
-                                     self.config.window)
-    layout = layout_lib.BlockLayout.from_element_mask(
-        keys, 1, min(self.config.block_size, s))
+    idx, cnt = selection.topk_keys(
+        jax.lax.stop_gradient(beta), self.config.window,
+        valid=(jnp.arange(s) <= index)[None, None, :])
+    layout = RowLayout.from_indices(idx[:, :, None], cnt[:, :, None],
+                                    num_keys=s)
     return base.SparsePlan(layout=layout, bias_k=beta)

@@ -15,13 +15,18 @@ in one softmax, to the union of the sink [0, sink), the selected blocks
 (keys <= t) and the window (t - window, t]; every key counts once.
 
 Two execution paths, both one op call:
-  * block-aligned (`block_k` = the layout's kv block): the layout lists the
-    selected and sink blocks as full and the window blocks as partial under
-    the window band;
-  * gather (any `block_k`, e.g. the paper's 2): per (query head, query
-    block) the sink, selected and window key rows are gathered into their
-    own segment appended to the kv axis, and a tile per segment block
-    holds the exact per-row visibility.
+  * block-aligned (`block_k` = the layout's kv block, a multiple of 16): a
+    BlockLayout lists the selected and sink blocks as full and the window
+    blocks as partial under the window band; the picks are whole tiles.
+  * gather (any `block_k`, e.g. the paper's 2): a RowLayout with one key
+    list per (query head, query block), group_size = block_q, listing the
+    sink, the selected tokens and the window span, with a row mask for the
+    exact per-row visibility. Tiny key blocks fit no kernel tile; a
+    BlockLayout of block_k-wide blocks would gather the same rows, while
+    the list shares each gathered key among the block_q rows that searched
+    together and carries the exact union in its row mask. Its length is
+    constant in T (Kmax = sink + budget + window + block_q - 1): memory and
+    work are O(T * Kmax).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jsparse.methods import base
+from pallas_kernels import RowLayout
 from pallas_kernels import layout as layout_lib
 
 
@@ -99,55 +105,154 @@ def _num_rounds(max_blocks: int, k: int) -> int:
   return max(math.ceil(math.log2(size)), 0) if size > 1 else 0
 
 
+# Gathered representative keys per search chunk (f32 elements): chunks of
+# this size stay in cache, which on CPU is most of the search's cost.
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def _searchable_blocks(config: HiPConfig, q_len: int, q_offset):
+  """[Qb] key blocks n in each query block's range [sink, P - window).
+
+  NumPy when q_offset is a Python int (prefill), else traced (decode).
+  """
+  xp = np if isinstance(q_offset, int) else jnp
+  bq, bk = config.block_q, config.block_k
+  last = q_offset + xp.minimum((xp.arange(layout_lib.cdiv(q_len, bq)) + 1)
+                               * bq, q_len)
+  n = xp.maximum(last - config.window - config.sink, 0)
+  return (n + bk - 1) // bk
+
+
+def _runs(n, max_blocks: int, k: int) -> list[tuple[int, int, int]]:
+  """(first, end, rounds) runs of query blocks needing the same rounds.
+
+  A node of size 1 splits into itself and an empty child, so the rounds a
+  block does not need change nothing; with static n (prefill, n grows with
+  the block) each run does only its own. Traced n: one run, all rounds.
+  """
+  if not isinstance(n, np.ndarray):
+    return [(0, n.shape[0], _num_rounds(max_blocks, k))]
+  rounds = [_num_rounds(int(x), k) for x in n]
+  cuts = [0] + [i for i in range(1, len(n)) if rounds[i] != rounds[i - 1]]
+  return [(lo, hi, rounds[lo]) for lo, hi in zip(cuts, cuts[1:] + [len(n)])]
+
+
+def _key_blocks(k: jax.Array, config: HiPConfig) -> jax.Array:
+  """[B * Hkv * N, block_k * D]: the searchable key blocks, contiguous.
+
+  Block m holds tokens sink + m * block_k + (0..block_k-1), clamped to the
+  last key.
+  """
+  b, s, hkv, d = k.shape
+  bk = config.block_k
+  num = layout_lib.cdiv(max(s - config.sink, 1), bk)
+  tok = np.minimum(config.sink + np.arange(num * bk), s - 1)
+  blocks = k[:, tok].reshape(b, num, bk, hkv, d).transpose(0, 3, 1, 2, 4)
+  return blocks.reshape(b * hkv * num, bk * d)
+
+
+def _search_chunk(qs, n, base, keys, rounds: int, config: HiPConfig):
+  """The tree search of C independent (batch, head, query block) problems.
+
+  Args:
+    qs: f32 [C, I, D] strided queries.
+    n: int32 [C] searchable key blocks.
+    base: int32 [C] row of the problem's first key block in `keys`.
+    keys: f32 [B * Hkv * N, block_k * D] from `_key_blocks`.
+    rounds: static number of rounds.
+    config: the HiP config.
+
+  Returns:
+    (start, size) int32 [C, K]: the final nodes; size 0 marks an empty one.
+  """
+  nk, bk = config.num_blocks, config.block_k
+  c, _, d = qs.shape
+  num = keys.shape[0]
+  bounds = jnp.arange(nk + 1)[None, :] * n[:, None] // nk  # [C, K + 1]
+  start, size = bounds[:, :-1], bounds[:, 1:] - bounds[:, :-1]
+  for _ in range(rounds):
+    half = size // 2
+    c_start = jnp.concatenate([start, start + half], -1)  # [C, 2K]
+    c_size = jnp.concatenate([half, size - half], -1)
+    rep = c_start + (c_size // 2 if config.representative == "center" else 0)
+    rows = jnp.minimum(base[:, None] + rep, num - 1)
+    rep_keys = jnp.take(keys, rows.reshape(-1), axis=0).reshape(
+        c, 2 * nk * bk, d)
+    dots = jnp.einsum("cid,cjd->cji", qs, rep_keys)
+    score = dots.max(-1).reshape(c, 2 * nk, bk).max(-1)
+    score = jnp.where(c_size > 0, score, -jnp.inf)
+    _, pick = jax.lax.top_k(score, nk)
+    start = jnp.take_along_axis(c_start, pick, -1)
+    size = jnp.take_along_axis(c_size, pick, -1)
+  return start, size
+
+
+def _search_run(qs, n, base, keys, rounds: int, config: HiPConfig):
+  """`_search_chunk` over [B, Hq, L] problems in cache-sized chunks.
+
+  Args:
+    qs: f32 [B, Hq, L, I, D]; n: int [L]; base: int32 [B, Hq].
+
+  Returns:
+    (start, size) int32 [B, Hq, L, K].
+  """
+  b, h, length, _, d = qs.shape
+  p = b * h * length
+  per = max(1, min(p, _CHUNK_ELEMENTS // (2 * config.num_blocks
+                                          * config.block_k * d)))
+  chunks = layout_lib.cdiv(p, per)
+  pad = chunks * per - p  # padded problems have n = 0: every node empty
+  flat = lambda x: jnp.pad(x.reshape(p, *x.shape[3:]),
+                           [(0, pad)] + [(0, 0)] * (x.ndim - 3)).reshape(
+                               chunks, per, *x.shape[3:])
+  n = jnp.broadcast_to(jnp.asarray(n, jnp.int32), (b, h, length))
+  base = jnp.broadcast_to(base[:, :, None], (b, h, length))
+  start, size = jax.lax.map(
+      lambda x: _search_chunk(*x, keys, rounds, config),
+      (flat(qs), flat(n), flat(base)))
+  unflat = lambda x: x.reshape(chunks * per, -1)[:p].reshape(b, h, length,
+                                                             -1)
+  return unflat(start), unflat(size)
+
+
 def search(q: jax.Array, k: jax.Array, config: HiPConfig, *,
            q_offset: jax.Array | int = 0) -> HiPMask:
   """Hierarchical top-K key-block search (no gradient).
+
+  Per query block and round it scores 2K representative blocks, so time
+  is O(T / block_q * K * block_k * (block_q / query_stride) * D * rounds)
+  with rounds = ceil(log2(n / K)): O(T log T) for a fixed budget. Problems
+  run in chunks whose gathered keys stay in cache; memory is O(T * D).
 
   Args:
     q: [B, T, Hq, D] post-RoPE queries at positions q_offset + arange(T).
     k: [B, S, Hkv, D] post-RoPE keys at positions arange(S).
     config: the HiP config.
-    q_offset: position of q[:, 0]; may be traced (decode).
+    q_offset: position of q[:, 0]; a Python int (prefill) lets query
+      blocks skip the rounds they do not need; may be traced (decode).
 
   Returns:
     The HiPMask of each (batch, query head, query block).
   """
   q, k = jax.lax.stop_gradient((q, k))
   q, k = q.astype(jnp.float32), k.astype(jnp.float32)
-  b, t, hq, d = q.shape
+  b, t, hq, _ = q.shape
   s, hkv = k.shape[1], k.shape[2]
-  bq, bk, nk = config.block_q, config.block_k, config.num_blocks
+  bq, nk = config.block_q, config.num_blocks
   qb = layout_lib.cdiv(t, bq)
-  # Visible length of each query block, and its number of searchable blocks.
-  last = q_offset + jnp.minimum((jnp.arange(qb) + 1) * bq, t)
-  n = jnp.maximum(last - config.window - config.sink, 0)
-  n = (n + bk - 1) // bk  # [Qb]
-  rounds = _num_rounds(max(s - config.sink, 0) // bk + 1, nk)
-
-  bounds = jnp.arange(nk + 1)[None, :] * n[:, None] // nk  # [Qb, K + 1]
-  start = jnp.broadcast_to(bounds[:, :-1], (b, hq, qb, nk))
-  size = jnp.broadcast_to(bounds[:, 1:] - bounds[:, :-1], (b, hq, qb, nk))
-
-  rows = jnp.minimum(jnp.arange(qb)[:, None] * bq
-                     + jnp.arange(0, bq, config.query_stride)[None, :], t - 1)
+  n = _searchable_blocks(config, t, q_offset)
+  rows = np.minimum(np.arange(qb)[:, None] * bq
+                    + np.arange(0, bq, config.query_stride)[None, :], t - 1)
   qs = jnp.moveaxis(q[:, rows], 3, 1)  # [B, Hq, Qb, I, D]
-  kh = jnp.moveaxis(k, 2, 1)[:, jnp.arange(hq) // (hq // hkv)]  # [B,Hq,S,D]
-  for _ in range(rounds):
-    half = size // 2
-    c_start = jnp.concatenate([start, start + half], -1)  # [.., 2K]
-    c_size = jnp.concatenate([half, size - half], -1)
-    rep = c_start + (c_size // 2 if config.representative == "center" else 0)
-    tok = config.sink + rep[..., None] * bk + jnp.arange(bk)[None, None,
-                                                            None, None]
-    tok = jnp.minimum(tok, s - 1).reshape(b, hq, qb * 2 * nk * bk)
-    keys = jnp.take_along_axis(kh, tok[..., None], axis=2).reshape(
-        b, hq, qb, 2 * nk * bk, d)
-    dots = jnp.einsum("bhqid,bhqjd->bhqij", qs, keys)
-    score = dots.max(-2).reshape(b, hq, qb, 2 * nk, bk).max(-1)
-    score = jnp.where(c_size > 0, score, -jnp.inf)
-    _, pick = jax.lax.top_k(score, nk)
-    start = jnp.take_along_axis(c_start, pick, -1)
-    size = jnp.take_along_axis(c_size, pick, -1)
+  keys = _key_blocks(k, config)
+  num = keys.shape[0] // (b * hkv)
+  base = ((jnp.arange(b)[:, None] * hkv + jnp.arange(hq)[None, :]
+           // (hq // hkv)) * num).astype(jnp.int32)
+  max_blocks = max(s - config.sink, 0) // config.block_k + 1
+  parts = [_search_run(qs[:, :, lo:hi], n[lo:hi], base, keys, rounds,
+                       config)
+           for lo, hi, rounds in _runs(n, max_blocks, nk)]
+  start, size = (jnp.concatenate(x, axis=2) for x in zip(*parts))
   valid = size > 0
   ids = jnp.sort(jnp.where(valid, start, jnp.iinfo(jnp.int32).max), -1)
   valid = jnp.sort(~valid, -1) == 0  # valid entries first after the sort
@@ -193,105 +298,61 @@ def block_layout(mask: HiPMask, q_len: int, kv_len: int,
       band=(offset - config.window + 1, offset))
 
 
-def _gather_tokens(mask: HiPMask, q_len: int, kv_len: int, config: HiPConfig,
-                   q_offset, block_kv: int):
-  """Token ids and per-row visibility of each query block's key segment.
+def row_layout(mask: HiPMask, q_len: int, kv_len: int, config: HiPConfig,
+               q_offset=None) -> RowLayout:
+  """Token path: one key list per (query head, query block), exact per row.
 
-  Returns:
-    tok int32 [B, Hq, Qb, L] key positions (clipped into range) and
-    visible bool [B, Hq, Qb, block_q, L], L = sink + K * block_k + window +
-    block_q - 1 rounded up to block_kv.
-  """
-  bq, bk, w = config.block_q, config.block_k, config.window
-  b, h, qb, nk = mask.block_ids.shape
-  first = q_offset + jnp.arange(qb) * bq  # [Qb]
-  sink = jnp.broadcast_to(jnp.arange(config.sink), (b, h, qb, config.sink))
-  sel = (config.sink + mask.block_ids[..., None] * bk
-         + jnp.arange(bk).reshape(1, 1, 1, 1, bk)).reshape(b, h, qb, nk * bk)
-  win = jnp.broadcast_to(first[:, None] - w + 1 + jnp.arange(w + bq - 1)[
-      None, :], (b, h, qb, w + bq - 1))
-  tok = jnp.concatenate([sink, sel, win], -1)
-  kind = np.concatenate([np.zeros(config.sink, np.int8),
-                         np.ones(nk * bk, np.int8),
-                         np.full(w + bq - 1, 2, np.int8)])
-  sel_valid = jnp.repeat(mask.valid, bk, axis=-1)
-  ok = jnp.concatenate([jnp.ones_like(sink, bool), sel_valid,
-                        jnp.ones_like(win, bool)], -1)
-  ok &= (tok >= 0) & (tok < kv_len)
-  row = first[:, None] + jnp.arange(bq)[None, :]  # [Qb, I] query positions
-  row = row[None, None, :, :, None]
-  j = tok[:, :, :, None, :]
-  causal = j <= row
-  # Union semantics: sink keys come from the sink part only, window keys
-  # (t - W, t] from the window part only, selected keys elsewhere.
-  in_window = j > row - w
-  part = jnp.asarray(kind).reshape(1, 1, 1, 1, -1)
-  visible = jnp.where(part == 0, causal,
-                      jnp.where(part == 1, causal & ~in_window,
-                                causal & in_window
-                                & (j >= config.sink)))
-  visible &= ok[:, :, :, None, :]
-  in_range = (jnp.arange(bq)[None, :]
-              < q_len - jnp.arange(qb)[:, None] * bq)
-  visible &= in_range[None, None, :, :, None]
-  width = layout_lib.cdiv(tok.shape[-1], block_kv) * block_kv
-  pad = width - tok.shape[-1]
-  tok = jnp.pad(jnp.clip(tok, 0, kv_len - 1), [(0, 0)] * 3 + [(0, pad)])
-  visible = jnp.pad(visible, [(0, 0)] * 4 + [(0, pad)])
-  return tok.astype(jnp.int32), visible
-
-
-def gather_plan(mask: HiPMask, k: jax.Array, v: jax.Array, q_len: int,
-                num_q_heads: int, config: HiPConfig, *, block_kv: int,
-                q_offset=None) -> base.SparsePlan:
-  """Gather path: one gathered key segment per (query head, query block).
+  The list of query block a is the sink [0, sink), the selected tokens and
+  the window span (first - W, last] of the block, Kmax = sink + K * block_k
+  + W + block_q - 1 (constant in T). Row t sees a sink or selected key iff
+  it is <= t, and a window-span key iff it lies in (t - W, t]. Window-span
+  keys below the sink or also selected are not listed, so each key is
+  listed once and a selected key stays visible wherever the row's own
+  window does not reach it.
 
   Args:
     mask: the search result.
-    k, v: [B, S, Hkv, D], S a multiple of block_kv.
     q_len: T.
-    num_q_heads: Hq.
+    kv_len: S.
     config: the HiP config.
-    block_kv: the layout's kv block (segments are padded to it).
-    q_offset: position of the first query; default S - T.
+    q_offset: position of the first query (may be traced); default S - T.
 
   Returns:
-    A SparsePlan whose extra keys are the gathered rows (differentiable
-    w.r.t. k, v) and whose layout lists only them, with per-row tiles.
+    A RowLayout [B, Hq, Qb, Kmax] with group_size = block_q and a row mask.
   """
-  b, s, hkv, d = k.shape
-  bq = config.block_q
-  if s % block_kv:
-    raise ValueError(f"the gather path needs S ({s}) to be a multiple of "
-                     f"block_kv ({block_kv})")
-  q_offset = s - q_len if q_offset is None else q_offset
-  tok, visible = _gather_tokens(mask, q_len, s, config, q_offset, block_kv)
-  hq, qb, width = num_q_heads, tok.shape[2], tok.shape[3]
-  g = hq // hkv
-  # Segment of (query head h, block a) at extra rows ((a*g + h%g) * width).
-  seg = tok.reshape(b, hkv, g, qb, width).transpose(0, 3, 2, 4, 1)
-  seg = seg.reshape(b, qb * g * width, hkv, 1)
-  extra_k = jnp.take_along_axis(k, seg, axis=1)
-  extra_v = jnp.take_along_axis(v, seg, axis=1)
-  per = width // block_kv
-  head_slot = (jnp.arange(hq) % g)[:, None]
-  first_block = (s // block_kv
-                 + (jnp.arange(qb)[None, :] * g + head_slot) * per)
-  kv_idx = first_block[..., None] + jnp.arange(per)[None, None, :]
-  kv_idx = jnp.broadcast_to(kv_idx, (b, hq, qb, per)).astype(jnp.int32)
-  tiles = visible.reshape(b, hq, qb, bq, per, block_kv)
-  tiles = tiles.transpose(0, 1, 2, 4, 3, 5).reshape(-1, bq, block_kv)
-  layout = layout_lib.BlockLayout(
-      kv_idx=kv_idx,
-      kv_cnt=jnp.full((b, hq, qb), per, jnp.int32),
-      kv_kind=jnp.full(kv_idx.shape, layout_lib.PARTIAL, jnp.int8),
-      tile_idx=jnp.arange(tiles.shape[0], dtype=jnp.int32).reshape(
-          kv_idx.shape),
-      tiles=tiles,
-      block_q=bq,
-      block_kv=block_kv,
-      num_kv_blocks=s // block_kv + qb * g * per)
-  return base.SparsePlan(layout=layout, extra_k=extra_k, extra_v=extra_v)
+  bq, bk, w = config.block_q, config.block_k, config.window
+  b, h, qb, nk = mask.block_ids.shape
+  q_offset = kv_len - q_len if q_offset is None else q_offset
+  first = q_offset + jnp.arange(qb) * bq  # [Qb]
+  shape = (b, h, qb)
+  sink = jnp.broadcast_to(jnp.arange(config.sink), (*shape, config.sink))
+  sel = (config.sink + mask.block_ids[..., None] * bk
+         + jnp.arange(bk).reshape(1, 1, 1, 1, bk)).reshape(*shape, nk * bk)
+  sel_ok = jnp.repeat(mask.valid, bk, axis=-1)
+  span = w + bq - 1
+  win = jnp.broadcast_to(first[:, None] - w + 1 + jnp.arange(span)[None, :],
+                         (*shape, span))
+  # Selected tokens inside the window span, as offsets into it (negative
+  # ones would wrap around, so they go out of range too).
+  offset = sel - win[..., :1]
+  offset = jnp.where(sel_ok & (offset >= 0), offset, span)
+  in_span = jnp.zeros((*shape, span), bool).at[
+      jnp.arange(b)[:, None, None, None], jnp.arange(h)[None, :, None, None],
+      jnp.arange(qb)[None, None, :, None], offset].set(True, mode="drop")
+  win_ok = (win >= config.sink) & ~in_span
+  tok = jnp.concatenate([sink, sel, win], -1)
+  ok = jnp.concatenate([jnp.ones_like(sink, bool), sel_ok, win_ok], -1)
+  ok &= (tok >= 0) & (tok < kv_len)
+  kind = np.concatenate([np.zeros(config.sink + nk * bk, bool),
+                         np.ones(span, bool)])  # window-span slots
+  row = (first[:, None] + jnp.arange(bq)[None, :])[None, None, :, :, None]
+  j = tok[:, :, :, None, :]
+  in_window = j > row - w
+  visible = (j <= row) & (jnp.asarray(~kind).reshape(1, 1, 1, 1, -1)
+                          | in_window)
+  return RowLayout.from_indices(
+      jnp.where(ok, tok, kv_len), num_keys=kv_len, group_size=bq,
+      row_mask=visible)
 
 
 class HiPMethod(base.SparseMethod):
@@ -320,27 +381,24 @@ class HiPMethod(base.SparseMethod):
 
     Args:
       q: [B, T, Hq, D] post-RoPE queries at positions S - T + arange(T).
-      k, v: [B, S, Hkv, D] post-RoPE keys; S a multiple of block_k (block
-        path) or of block_q (gather path).
+      k, v: [B, S, Hkv, D] post-RoPE keys; S a multiple of block_k on the
+        block path.
       layer: transformer layer index (static) for the dense first layers.
       **kwargs: unused.
 
     Returns:
       A SparsePlan with aux {"mask": HiPMask}.
     """
-    del kwargs
+    del v, kwargs
     cfg = self.config
     t, s = q.shape[1], k.shape[1]
     if layer is not None and layer < cfg.dense_layers:
       return base.SparsePlan(layout=layout_lib.BlockLayout.from_band(
           t, s, min(cfg.block_q, t), min(128, s), (None, s - t)))
     mask = search(q, k, cfg, q_offset=s - t)
-    if cfg.use_block_path():
-      plan = base.SparsePlan(layout=block_layout(mask, t, s, cfg))
-    else:
-      plan = gather_plan(mask, k, v, t, q.shape[2], cfg,
-                         block_kv=cfg.block_q)
-    return plan.replace(aux={"mask": mask})
+    layout = (block_layout(mask, t, s, cfg) if cfg.use_block_path()
+              else row_layout(mask, t, s, cfg))
+    return base.SparsePlan(layout=layout, aux={"mask": mask})
 
   def decode_plan(self, q: jax.Array, k: jax.Array, v: jax.Array, *,
                   index: jax.Array, mask: HiPMask | None = None
@@ -357,6 +415,7 @@ class HiPMethod(base.SparseMethod):
     Returns:
       A SparsePlan with aux {"mask"} to pass to the next step.
     """
+    del v
     cfg = dataclasses.replace(self.config, block_q=1, query_stride=1)
     fresh = lambda: search(q, k, cfg, q_offset=index)
     if mask is None:
@@ -364,6 +423,5 @@ class HiPMethod(base.SparseMethod):
     else:
       mask = jax.lax.cond(index % cfg.refresh_every == 0, fresh,
                           lambda: mask)
-    plan = gather_plan(mask, k, v, 1, q.shape[2], cfg,
-                       block_kv=math.gcd(k.shape[1], 64), q_offset=index)
-    return plan.replace(aux={"mask": mask})
+    layout = row_layout(mask, 1, k.shape[1], cfg, q_offset=index)
+    return base.SparsePlan(layout=layout, aux={"mask": mask})

@@ -7,13 +7,35 @@ A kernel (Performer) linear attention whose values carry a positional code
 feeds a small encoder and a CNN decoder that predict a compressed attention
 map of fixed width T_M per query (logits S_hat [B, H, T, T_M]). A top-k over
 the compressed cells, with the budget shared across heads, is stretched
-back to the key axis (key j of a row with visible length L owns cell
-floor((j + 0.5) T_M / L - 1e-4)) and becomes an element mask; exact softmax
-attention runs on the kept entries (tile pool of the layout). Two gates
-scale the sparse output and mix it with an average of the values. The
-compressed map is returned in `plan.aux["estimate"]` for interpretability,
-and the distillation losses are functions of it (the training loop lives
-elsewhere).
+back to the key axis: key j of a row with visible length L owns cell
+floor((j + 0.5) T_M / L - 1e-4), so each kept cell is a run of about L / T_M
+consecutive keys, and the row's keys are the union of its runs. Exact
+softmax attention runs on those keys. Two gates scale the sparse output and
+mix it with an average of the values. The compressed map is returned in
+`plan.aux["estimate"]` for interpretability, and the distillation losses are
+functions of it (the training loop lives elsewhere).
+
+Execution format: a per-row `RowLayout` (one key list per batch, query head
+and row, group_size 1). The cells are picked per row from a
+content-dependent estimate and their runs move with the row length, so
+neighbouring rows share neither cells nor run boundaries in general: a
+shared group list would be the union of unrelated picks, and a block layout
+would need an element mask in every tile.
+
+Capacity: each list holds Kmax = `SEAConfig.key_capacity(S)` keys (default
+2k, twice a head's average share of the grouped budget). Row t spends them
+as C_t = floor(Kmax / R_t) slots of R_t keys, R_t the longest run of the
+row; a slot past the end of a shorter run is padding (index S, not listed).
+The budget is shared across heads, so a head can win more than C_t cells:
+it keeps its C_t highest-scoring ones and the budget of the rest is lost
+(as the budget of cells that own no key already is).
+
+Cost: the estimator is O(T (T_M H s + F D)) (chunked causal linear
+attention, convolutions over the T x T_M/d image), the selection O(T H T_M)
+(exact per-row thresholds by bisection on the float bits, no sort), the
+lists O(T H Kmax) and the attention O(T H Kmax D). Nothing on the attention
+path is T x S; `element_mask` and `stretched_logits` build T x S views for
+inspection and for the distillation losses only.
 """
 
 from __future__ import annotations
@@ -26,9 +48,13 @@ import jax
 import jax.numpy as jnp
 
 from jsparse.methods import base
-from pallas_kernels import layout as layout_lib
+from pallas_kernels import row_layout as row_layout_lib
 
 _BIG = 1e9
+# Query rows per step of the chunked causal linear attention.
+_LINEAR_CHUNK = 64
+# Elements per step of the per-row threshold search (a cache-sized chunk).
+_SEARCH_CHUNK = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,9 +71,8 @@ class SEAConfig:
     channels_per_head: s, CNN channels per head (2 causal, 4 not).
     output: "mix" (gated sparse output mixed with the value average) or
       "sparse" (the plain sparse attention output).
-    block_size: the layout's q and kv block.
-    max_kv_blocks: optional static cap of kv blocks per query block
-      (default: all; rows with more are truncated).
+    max_keys: optional static cap Kmax of listed keys per head and row
+      (default: see `key_capacity`).
   """
 
   causal: bool = True
@@ -58,8 +83,27 @@ class SEAConfig:
   width_divisor: int = 4
   channels_per_head: int = 2
   output: str = "mix"
-  block_size: int = 64
-  max_kv_blocks: int | None = None
+  max_keys: int | None = None
+
+  def key_capacity(self, kv_len: int) -> int:
+    """Kmax, the static length of every key list, for S = `kv_len` keys.
+
+    `max_keys` if given, else max(2 k, longest run), never more than S. The
+    longest run of one cell is at most ceil(S / T_M) + 1 keys (+1 for the
+    float rounding of the stretch rule), so every row fits a cell.
+
+    Raises:
+      ValueError: if `max_keys` cannot hold the longest run.
+    """
+    longest = min(kv_len, -(-kv_len // self.predictor_len) + 1)
+    if self.max_keys is None:
+      return min(kv_len, max(2 * self.topk, longest))
+    if self.max_keys < longest:
+      raise ValueError(
+          f"max_keys must be >= {longest} (the longest run of keys one cell "
+          f"covers at S={kv_len}, T_M={self.predictor_len}), got "
+          f"{self.max_keys}")
+    return min(kv_len, self.max_keys)
 
 
 def owner_cell(key_pos: jax.Array, visible_len, predictor_len: int
@@ -80,6 +124,56 @@ def owner_cell(key_pos: jax.Array, visible_len, predictor_len: int
   return jnp.clip(cell, 0, predictor_len - 1).astype(jnp.int32)
 
 
+def row_lengths(q_len: int, kv_len: int, causal: bool) -> jax.Array:
+  """int32 [T]: visible length L of each row (t + 1 causal, else S)."""
+  if causal:
+    return jnp.arange(1, q_len + 1, dtype=jnp.int32)
+  return jnp.full((q_len,), kv_len, jnp.int32)
+
+
+def run_start(cell: jax.Array, visible_len, predictor_len: int
+              ) -> jax.Array:
+  """First key of cell `cell`'s run: #{j < L: owner_cell(j) < cell}.
+
+  Elementwise; cell = T_M gives L. The float guess from inverting the
+  stretch rule is off by at most one key and is corrected with the rule
+  itself, so runs agree with `owner_cell` exactly.
+
+  Args:
+    cell: int cell ids in [0, T_M], broadcastable against `visible_len`.
+    visible_len: int L of each row.
+    predictor_len: T_M.
+  """
+  length = jnp.asarray(visible_len, jnp.int32)
+  guess = jnp.ceil((cell + 1e-4) * length.astype(jnp.float32)
+                   / predictor_len - 0.5)
+  # Cell 0 also owns the keys the rule clips up from negative cells.
+  start = jnp.where(cell == 0, 0, jnp.clip(guess, 0, length)).astype(
+      jnp.int32)
+  owner = lambda j: owner_cell(j, length, predictor_len)
+  start = start - ((start > 0) & (owner(start - 1) >= cell))
+  return start + ((start < length) & (owner(start) < cell))
+
+
+def cell_runs(visible_len: jax.Array, predictor_len: int
+              ) -> tuple[jax.Array, jax.Array]:
+  """The run of keys each cell owns under the stretch rule.
+
+  Args:
+    visible_len: int [...] L of each row.
+    predictor_len: T_M.
+
+  Returns:
+    (start, length) int32 [..., T_M]: cell c of a row owns keys
+    start[c] .. start[c] + length[c] - 1 (length 0: no key).
+  """
+  length = jnp.asarray(visible_len)[..., None]
+  cells = jnp.arange(predictor_len + 1, dtype=jnp.int32).reshape(
+      (1,) * (length.ndim - 1) + (-1,))
+  start = run_start(cells, length, predictor_len)
+  return start[..., :-1], jnp.diff(start, axis=-1)
+
+
 def _row_geometry(q_len: int, kv_len: int, causal: bool, predictor_len: int):
   """(cell [1, 1, T, S], visible [1, 1, T, S]) of the stretch rule."""
   qp = jnp.arange(q_len).reshape(1, 1, q_len, 1)
@@ -97,12 +191,129 @@ def stretch(cells: jax.Array, kv_len: int, causal: bool) -> jax.Array:
       cell, cells.shape[:-1] + (kv_len,)), axis=-1)
 
 
+def _order_keys(scores: jax.Array) -> jax.Array:
+  """int32 keys whose signed order is the float order of `scores`."""
+  x = jax.lax.stop_gradient(scores).astype(jnp.float32)
+  bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x), jnp.int32)
+  return jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+_MIN_KEY = jnp.iinfo(jnp.int32).min
+
+
+def _search(key: jax.Array, n: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Where the n best entries along the last axis of int32 keys end.
+
+  The n best (ties: lower index first) are the entries with key > thr and
+  those with key == thr at an index below cut. thr, the largest v with at
+  least n keys >= v, is built bit by bit from the top (32 counting passes);
+  cut comes from a bisection on the index (log2 C passes).
+
+  Args:
+    key: int32 [..., C].
+    n: int32 [...] in [0, C].
+
+  Returns:
+    (thr, cut) int32 [...].
+  """
+  c = key.shape[-1]
+  count = lambda pred: jnp.sum(pred, -1, dtype=jnp.int32)
+  need = jnp.maximum(n, 1)
+
+  def value_bit(i, thr):
+    cand = thr + jnp.left_shift(jnp.int32(1), 30 - i)
+    return jnp.where(count(key >= cand[..., None]) >= need, cand, thr)
+
+  thr = jnp.where(count(key >= 0) >= need, 0, _MIN_KEY).astype(jnp.int32)
+  thr = jax.lax.fori_loop(0, 31, value_bit, thr)
+  ties = key == thr[..., None]
+  left = n - count(key > thr[..., None])  # ties to keep
+  index = jax.lax.broadcasted_iota(jnp.int32, key.shape, key.ndim - 1)
+  bits = c.bit_length()
+
+  def index_bit(i, cut):
+    cand = cut + jnp.left_shift(jnp.int32(1), bits - 1 - i)
+    return jnp.where(count(ties & (index < cand[..., None])) <= left, cand,
+                     cut)
+
+  cut = jax.lax.fori_loop(0, bits, index_bit, jnp.zeros_like(thr))
+  return thr, jnp.where(left > 0, cut, 0)
+
+
+def _cuts(key, count, owns=None, group_count=None):
+  """`_search` over rows of int32 keys [R, G, C], and over their groups.
+
+  Each row's `count` best entries are searched over its flat index
+  (g C + c); with `group_count`, each group's `group_count[g]` best entries
+  among those where `owns` holds as well. Rows go in cache-sized chunks, so
+  the passes of both searches read the chunk from cache.
+
+  Args:
+    key: int32 [R, G, C].
+    count: int32 [R] in [0, G C].
+    owns: bool [R, 1|G, C] entries that compete within their group.
+    group_count: optional int32 [R, G] in [0, C].
+
+  Returns:
+    (thr [R], cut [R]), plus (thr [R, G], cut [R, G]) for the groups.
+  """
+
+  def row(args):
+    out = _search(args[0].reshape(-1), args[1])
+    if group_count is None:
+      return out
+    key, _, own, n_g = args
+    return out + _search(jnp.where(own, key, _MIN_KEY), n_g)
+
+  xs = (key, count) if group_count is None else (key, count, owns,
+                                                  group_count)
+  chunk = max(1, min(key.shape[0], _SEARCH_CHUNK // key[0].size))
+  return jax.lax.map(row, xs, batch_size=chunk)
+
+
+def _keep(key, thr, cut):
+  """The entries `_search` chose along the last axis."""
+  index = jax.lax.broadcasted_iota(jnp.int32, key.shape, key.ndim - 1)
+  return (key > thr[..., None]) | ((key == thr[..., None])
+                                   & (index < cut[..., None]))
+
+
+def _budget(num_heads: int, topk: int, predictor_len: int, q_len: int
+            ) -> jax.Array:
+  """int32 [T]: causal K_t = clip(round(H k T_M / (t + 1)), 1, H T_M)."""
+  budget = jnp.round(num_heads * topk * predictor_len
+                     / (jnp.arange(q_len) + 1.0))
+  return jnp.clip(budget, 1, num_heads * predictor_len).astype(jnp.int32)
+
+
+def top_n_mask(scores: jax.Array, n: jax.Array) -> jax.Array:
+  """The n best entries of each last-axis row, for a per-row n (no sort).
+
+  Ties go to the lower index, as a stable descending sort would order them.
+  No gradient flows through the choice. O(size * (32 + log2 C)) compares.
+
+  Args:
+    scores: [..., C] float scores.
+    n: int, broadcastable to scores.shape[:-1]; clipped to [0, C].
+
+  Returns:
+    bool [..., C] with min(max(n, 0), C) entries set per row.
+  """
+  key = _order_keys(scores)
+  lead, c = key.shape[:-1], key.shape[-1]
+  n = jnp.clip(jnp.broadcast_to(jnp.asarray(n, jnp.int32), lead), 0, c)
+  thr, cut = (x.reshape(lead) for x in _cuts(key.reshape(-1, 1, c),
+                                             n.reshape(-1)))
+  return _keep(key, thr, cut)
+
+
 def grouped_topk(estimate: jax.Array, topk: int, causal: bool) -> jax.Array:
   """Selected cells with the budget shared across heads (no gradient).
 
   Causal: per (batch, row) keep the best K_t = clip(round(H k T_M / L_t), 1,
   H T_M) cells of (H, T_M), L_t = t + 1. Non-causal: per sample keep the
-  best H k T_M cells of (H, T, T_M).
+  best H k T_M cells of (H, T, T_M). Ties go to the lower flat index.
+  O(B T H T_M) time and memory.
 
   Args:
     estimate: [B, H, T, T_M] scores (probabilities or logits).
@@ -112,29 +323,184 @@ def grouped_topk(estimate: jax.Array, topk: int, causal: bool) -> jax.Array:
   Returns:
     bool [B, H, T, T_M].
   """
-  est = jax.lax.stop_gradient(estimate).astype(jnp.float32)
-  b, h, t, tm = est.shape
+  b, h, t, tm = estimate.shape
   if causal:
-    flat = jnp.moveaxis(est, 1, 2).reshape(b, t, h * tm)
-    budget = jnp.round(h * topk * tm / (jnp.arange(t) + 1.0))
-    budget = jnp.clip(budget, 1, h * tm)[None, :, None]
-  else:
-    flat = est.reshape(b, 1, h * t * tm)
-    budget = min(h * topk * tm, h * t * tm)
-  order = jnp.argsort(-flat, axis=-1, stable=True)
-  ranks = jnp.argsort(order, axis=-1)
-  keep = ranks < budget
-  if causal:
+    flat = jnp.moveaxis(estimate, 1, 2).reshape(b, t, h * tm)
+    keep = top_n_mask(flat, _budget(h, topk, tm, t))
     return jnp.moveaxis(keep.reshape(b, t, h, tm), 2, 1)
+  keep = top_n_mask(estimate.reshape(b, h * t * tm),
+                    min(h * topk * tm, h * t * tm))
   return keep.reshape(b, h, t, tm)
+
+
+def select_cells(estimate: jax.Array, topk: int, causal: bool,
+                 visible_len: jax.Array, capacity: int) -> jax.Array:
+  """The cells each key list keeps: grouped top-k under a per-head cap.
+
+  The grouped top-k of `grouped_topk`, of which row t of each head keeps
+  its C_t = floor(capacity / R_t) best selected cells that own a key (R_t:
+  the row's longest run; cells owning no key are dropped). Both thresholds
+  come from one search pass (`_cuts`): the kept cells of a head are a prefix
+  of its cells in score order, so the cap is the head's C_t best owning
+  cells, intersected with the grouped selection.
+
+  Args:
+    estimate: [B, H, T, T_M] scores.
+    topk: k.
+    causal: the grouping mode.
+    visible_len: int [T] L of each row.
+    capacity: Kmax.
+
+  Returns:
+    bool [B, H, T, T_M].
+  """
+  b, h, t, tm = estimate.shape
+  _, length = cell_runs(visible_len, tm)  # [T, T_M]
+  owns = length > 0
+  per_head = jnp.minimum(capacity // length.max(-1), tm)  # C_t [T]
+  key = _order_keys(estimate)
+  if causal:  # rows (b, t), groups: heads
+    rows = jnp.moveaxis(key, 1, 2).reshape(b * t, h, tm)
+    count = jnp.broadcast_to(_budget(h, topk, tm, t), (b, t))
+    owns = jnp.broadcast_to(owns[None, :, None], (b, t, 1, tm))
+    group_count = jnp.broadcast_to(per_head[None, :, None], (b, t, h))
+  else:  # rows: samples, groups: (head, query)
+    rows = key.reshape(b, h * t, tm)
+    count = jnp.full((b,), min(h * topk * tm, h * t * tm), jnp.int32)
+    owns = jnp.broadcast_to(owns[:1], (b, 1, tm))
+    group_count = jnp.broadcast_to(per_head, (b, h, t))
+  r = rows.shape[0]
+  owns = owns.reshape(r, 1, tm)
+  thr, cut, thr_g, cut_g = _cuts(rows, count.reshape(r), owns,
+                                 group_count.reshape(r, -1))
+  selected = _keep(rows.reshape(r, -1), thr, cut).reshape(rows.shape)
+  best = _keep(jnp.where(owns, rows, _MIN_KEY), thr_g, cut_g)
+  kept = selected & best & owns
+  if causal:
+    return jnp.moveaxis(kept.reshape(b, t, h, tm), 2, 1)
+  return kept.reshape(b, h, t, tm)
+
+
+def _nth_set(mask: jax.Array, which: jax.Array
+             ) -> tuple[jax.Array, jax.Array]:
+  """Position of the which-th set entry of each last-axis row (from 0).
+
+  The row is packed into 32-bit words; the word comes from the running
+  popcounts and the bit from a 5-step popcount bisection. Everything is
+  elementwise on `which`'s shape (a loop over the C / 32 words), with no
+  scatter, sort or [..., M, C / 32] array.
+
+  Args:
+    mask: bool [..., C].
+    which: int [..., M] (broadcastable) ranks to look up.
+
+  Returns:
+    (pos int32 [..., M], valid only where which < count; count int32
+    [...], the set entries per row).
+  """
+  c = mask.shape[-1]
+  words = -(-c // 32)
+  bits = jnp.pad(mask, [(0, 0)] * (mask.ndim - 1) + [(0, words * 32 - c)])
+  bits = bits.reshape(*mask.shape[:-1], words, 32).astype(jnp.uint32)
+  shifts = jax.lax.broadcasted_iota(jnp.uint32, bits.shape, bits.ndim - 1)
+  packed = jnp.sum(bits << shifts, -1, dtype=jnp.uint32)  # [..., W]
+  ones = jax.lax.population_count(packed).astype(jnp.int32)
+  before = jnp.cumsum(ones, -1) - ones  # set entries before each word
+  rank = jnp.zeros(jnp.broadcast_shapes(which.shape, mask.shape[:-1] + (1,)),
+                   jnp.int32)
+  word = jnp.zeros(rank.shape, jnp.uint32)
+  index = jnp.zeros(rank.shape, jnp.int32)
+  for w in range(words):  # the last word whose first rank is <= which
+    here = before[..., w:w + 1] <= which
+    index = jnp.where(here, w, index)
+    rank = jnp.where(here, which - before[..., w:w + 1], rank)
+    word = jnp.where(here, packed[..., w:w + 1], word)
+  pos = jnp.zeros_like(rank)
+  for width in (16, 8, 4, 2, 1):
+    low = jax.lax.population_count(
+        word & jnp.uint32((1 << width) - 1)).astype(jnp.int32)
+    up = rank >= low
+    rank = jnp.where(up, rank - low, rank)
+    pos = jnp.where(up, pos + width, pos)
+    word = jnp.where(up, word >> width, word)
+  return index * 32 + pos, jnp.sum(ones, -1)
+
+
+def key_lists(kept: jax.Array, visible_len: jax.Array, capacity: int,
+              num_keys: int) -> tuple[jax.Array, jax.Array]:
+  """The runs of the kept cells as padded key lists.
+
+  Row t lists its kept cells in key order, one slot of R_t keys each (R_t:
+  the row's longest run); slots past the end of a shorter run hold the
+  padding index `num_keys` (not listed).
+
+  Args:
+    kept: bool [B, H, T, T_M] with at most floor(capacity / R_t) cells per
+      row (`select_cells`).
+    visible_len: int [T] L of each row.
+    capacity: Kmax.
+    num_keys: S.
+
+  Returns:
+    kv_idx int32 [B, H, T, Kmax] and kv_cnt int32 [B, H, T].
+  """
+  tm = kept.shape[-1]
+  length = jnp.asarray(visible_len, jnp.int32)
+  longest = cell_runs(length, tm)[1].max(-1)  # R_t [T]
+  length, longest = (x.reshape(1, 1, -1, 1) for x in (length, longest))
+  slot = jnp.arange(capacity, dtype=jnp.int32).reshape(1, 1, 1, -1)
+  which, offset = slot // longest, slot % longest  # [1, 1, T, Kmax]
+  cell, count = _nth_set(kept, which)
+  first = run_start(cell, length, tm)
+  run = run_start(cell + 1, length, tm) - first
+  valid = (which < count[..., None]) & (offset < run)
+  kv_idx = jnp.where(valid, first + offset, num_keys)
+  kv_cnt = jnp.minimum(count * longest[..., 0], capacity)
+  return kv_idx.astype(jnp.int32), kv_cnt.astype(jnp.int32)
 
 
 def element_mask(selected: jax.Array, kv_len: int, causal: bool
                  ) -> jax.Array:
-  """bool [B, H, T, S]: key j kept iff it is visible and its cell is kept."""
+  """bool [B, H, T, S]: key j kept iff it is visible and its cell is kept.
+
+  A T x S view of a selection, for inspection and tests only.
+  """
   t, tm = selected.shape[-2:]
   _, visible = _row_geometry(t, kv_len, causal, tm)
   return stretch(selected, kv_len, causal) & visible
+
+
+def _causal_linear(fq: jax.Array, fk: jax.Array, v: jax.Array):
+  """sum_{j <= t} (fq_t . fk_j) [v_j, 1], chunk by chunk.
+
+  Inside a chunk of C rows the products are a masked C x C matrix; across
+  chunks an exclusive prefix sum of per-chunk fk^T v states carries the
+  past: O(T (C + F) E) work and O(T F E / C) memory instead of a [T, F, E]
+  prefix sum.
+
+  Args:
+    fq, fk: [B, H, T, F] non-negative features; v: [B, H, T, E].
+
+  Returns:
+    (num [B, H, T, E], den [B, H, T]).
+  """
+  b, h, t, f = fq.shape
+  c = min(_LINEAR_CHUNK, t)
+  n = -(-t // c)
+  pad = ((0, 0), (0, 0), (0, n * c - t), (0, 0))
+  fq, fk, v = (jnp.pad(x, pad).reshape(b, h, n, c, x.shape[-1])
+               for x in (fq, fk, v))
+  shift = lambda x: jnp.cumsum(
+      jnp.concatenate([jnp.zeros_like(x[:, :, :1]), x[:, :, :-1]], 2), 2)
+  state = shift(jnp.einsum("bhncf,bhnce->bhnfe", fk, v))
+  norm = shift(fk.sum(-2))  # [B, H, N, F]
+  inner = jnp.einsum("bhncf,bhndf->bhncd", fq, fk) * jnp.tril(
+      jnp.ones((1, 1, 1, c, c), fq.dtype))
+  num = (jnp.einsum("bhncd,bhnde->bhnce", inner, v)
+         + jnp.einsum("bhncf,bhnfe->bhnce", fq, state))
+  den = inner.sum(-1) + jnp.einsum("bhncf,bhnf->bhnc", fq, norm)
+  return (num.reshape(b, h, n * c, -1)[:, :, :t],
+          den.reshape(b, h, n * c)[:, :, :t])
 
 
 def _performer(q, k, v, omega, causal: bool):
@@ -148,9 +514,7 @@ def _performer(q, k, v, omega, causal: bool):
   if causal:
     fq = jax.nn.relu(q @ omega.T) + 1e-3
     fk = jax.nn.relu(k @ omega.T) + 1e-3
-    kv = jnp.cumsum(fk[..., :, None] * v[..., None, :], axis=-3)
-    num = jnp.einsum("bhtf,bhtfe->bhte", fq, kv)
-    den = jnp.einsum("bhtf,bhtf->bht", fq, jnp.cumsum(fk, axis=-2))
+    num, den = _causal_linear(fq, fk, v)
   else:
     scale = q.shape[-1] ** -0.25
 
@@ -197,6 +561,10 @@ class SEAMethod(base.SparseMethod):
                        f"{config.output!r}")
     if config.predictor_len % config.width_divisor:
       raise ValueError("predictor_len must be a multiple of width_divisor")
+    if config.max_keys is not None and (
+        not isinstance(config.max_keys, int) or config.max_keys < 1):
+      raise ValueError(f"max_keys must be None or an int >= 1, got "
+                       f"{config.max_keys!r}")
     self.config = config
     self.num_heads = num_heads
     d, h, s = head_dim, num_heads, config.channels_per_head
@@ -269,8 +637,8 @@ class SEAMethod(base.SparseMethod):
       x = jnp.moveaxis(self.width_norm(jnp.moveaxis(x, 2, 3)), 3, 2)
       for conv in self.convs:
         x = jax.nn.relu(conv(x))
-      x = jnp.repeat(x, cfg.width_divisor, axis=2)
-      x = self.head_mix(x)
+      # The 1x1 head mix commutes with the nearest upsampling.
+      x = jnp.repeat(self.head_mix(x), cfg.width_divisor, axis=2)
     else:
       for conv in self.convs:
         x = jax.nn.relu(conv(x))
@@ -283,32 +651,36 @@ class SEAMethod(base.SparseMethod):
 
   def plan(self, q: jax.Array, k: jax.Array, v: jax.Array,
            **kwargs) -> base.SparsePlan:
-    """Estimates the map, selects cells, builds the element-mask layout.
+    """Estimates the map, selects cells, lists their keys per row.
 
     Args:
       q: [B, T, H, D]; k, v: [B, S, Hkv, D] with S = T.
       **kwargs: unused.
 
     Returns:
-      A SparsePlan with aux {"estimate": softmax of the logits over T_M
-      [B, H, T, T_M], "logits", "gates" [B, H, T, 2], "selected" bool
-      [B, H, T, T_M]}.
+      A SparsePlan with a RowLayout [B, H, T, Kmax] (Kmax =
+      `config.key_capacity(S)`) and aux {"estimate": softmax of the logits
+      over T_M [B, H, T, T_M], "logits", "gates" [B, H, T, 2], "selected":
+      bool [B, H, T, T_M], the cells whose keys are listed (the grouped
+      top-k after the capacity cap)}.
     """
     del kwargs
     cfg = self.config
     t, s = q.shape[1], k.shape[1]
     if s != t:
       raise ValueError(f"SEA is self-attention: T={t} but S={s}")
+    capacity = cfg.key_capacity(s)
     logits, gates = self.estimate(q, k, v)
     estimate = jax.nn.softmax(logits, -1)
-    selected = grouped_topk(estimate, cfg.topk, cfg.causal)
-    mask = element_mask(selected, s, cfg.causal)
-    block = min(cfg.block_size, t)
-    layout = layout_lib.BlockLayout.from_element_mask(
-        mask, block, block, max_kv_blocks=cfg.max_kv_blocks)
+    visible_len = row_lengths(t, s, cfg.causal)
+    kept = select_cells(estimate, cfg.topk, cfg.causal, visible_len,
+                        capacity)
+    kv_idx, kv_cnt = key_lists(kept, visible_len, capacity, s)
+    layout = row_layout_lib.RowLayout.from_indices(kv_idx, kv_cnt,
+                                                   num_keys=s)
     return base.SparsePlan(layout=layout, aux={
         "estimate": estimate, "logits": logits, "gates": gates,
-        "selected": selected})
+        "selected": kept})
 
   def mix(self, plan: base.SparsePlan, out: jax.Array,
           v: jax.Array) -> jax.Array:

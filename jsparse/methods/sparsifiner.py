@@ -10,11 +10,24 @@ n "basis" slots made by a learned token reduction of the channel-reduced keys,
 A_low = softmax(q' (k'^T P_down) s) [B, H, N, n]; the approximate map is
 A_low U with U = P_up^T [n, N]. For selection (inference and phase-2
 fine-tuning) A_low keeps its top-8 entries per row and U is |P_up|^T
-thresholded at 0.02; every non-CLS query then keeps the top ceil(rho N) keys
-of the approximate map (the CLS key column is a normal candidate) and the CLS
-query row stays dense. The binary mask is detached and becomes an element
-mask of the block layout (tile pool); exact softmax attention runs on it.
-The predictor learns only from `reconstruction_loss` on the dense path.
+thresholded at 0.02; every non-CLS query then keeps the top k = ceil(rho N)
+keys of the approximate map (the CLS key column is a normal candidate) and
+the CLS query row stays dense. The selection is detached; exact softmax
+attention runs on it. The predictor learns only from `reconstruction_loss`
+on the dense path.
+
+Execution format: a per-row `RowLayout` with Kmax = k (every non-CLS row
+lists exactly its k keys). The picks are unstructured per row, so a block
+layout would be nearly dense and neighbouring rows share few keys. The one
+dense CLS row is attended by `__call__` with its own one-row list of all N
+keys (O(N D)); in the plan's layout it lists nothing.
+
+Cost: the predictor's map is N x N per head by design, so Sparsifiner is
+only cheap at ViT token counts. Its up-projection through n = N / r_n basis
+slots costs O(N^2 n) in the phase-1 training form; the selection form
+gathers only the coef_topk basis rows a query keeps (O(N^2 coef_topk)) and
+takes a top-k over N per row, one chunk of query rows at a time: memory
+O(N k) for the lists plus one chunk of the map, never [N, k, N].
 """
 
 from __future__ import annotations
@@ -25,9 +38,13 @@ import math
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jsparse.methods import base
-from pallas_kernels import layout as layout_lib
+from pallas_kernels import row_layout as row_layout_lib
+
+# Elements of the approximate map built per step of the selection.
+_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +63,6 @@ class SparsifinerConfig:
     cls_token: the first token is a CLS token whose query row is dense.
     selection: "predictor", or "random" (uniform random scores at the same
       rho; the ablation).
-    block_size: the layout's q and kv block.
     seed: PRNG seed of the "random" selection.
   """
 
@@ -59,7 +75,6 @@ class SparsifinerConfig:
   scale: str = "num_heads"
   cls_token: bool = True
   selection: str = "predictor"
-  block_size: int = 64
   seed: int = 0
 
   @property
@@ -71,22 +86,19 @@ class SparsifinerConfig:
     return min(math.ceil(self.keep_rate * self.num_tokens), self.num_tokens)
 
 
-def keep_topk(x: jax.Array, k: int) -> jax.Array:
-  """x with all but the k largest entries of each last-axis row zeroed."""
-  if k >= x.shape[-1]:
-    return x
-  kth = jax.lax.top_k(x, k)[0][..., -1:]
-  return jnp.where(x >= kth, x, 0.0)
+def _index_mask(idx: jax.Array, size: int) -> jax.Array:
+  """bool [..., size]: True at the (distinct) indices idx [..., k]."""
+  return jnp.put_along_axis(jnp.zeros(idx.shape[:-1] + (size,), bool), idx,
+                            True, axis=-1, inplace=False)
 
 
 def row_topk_mask(scores: jax.Array, k: int) -> jax.Array:
   """bool mask of exactly the k best entries of each last-axis row.
 
-  Ties are broken by the lower index (lax.top_k), so every row has k.
+  Ties are broken by the lower index (lax.top_k), so every row has k. A
+  dense view for inspection (scores-sized, no [..., k, S] one-hot).
   """
-  idx = jax.lax.top_k(scores, k)[1]
-  onehot = jax.nn.one_hot(idx, scores.shape[-1], dtype=jnp.int32)
-  return onehot.sum(-2) > 0
+  return _index_mask(jax.lax.top_k(scores, k)[1], scores.shape[-1])
 
 
 class SparsifinerMethod(base.SparseMethod):
@@ -119,18 +131,11 @@ class SparsifinerMethod(base.SparseMethod):
     self.down = nnx.Param(init(rngs.params(), (s, n)))
     self.up = nnx.Param(init(rngs.params(), (s, n)))
 
-  def approximate(self, q: jax.Array, k: jax.Array, *,
-                  sparse: bool) -> jax.Array:
-    """The predictor's approximate attention map.
+  def _coefficients(self, q: jax.Array, k: jax.Array) -> jax.Array:
+    """A_low: f32 [B, H, N', n] (the CLS query row dropped with a CLS token).
 
     Args:
       q: [B, N, H, D]; k: [B, N, Hkv, D].
-      sparse: the selection form (top-`coef_topk` coefficients, thresholded
-        |P_up|) rather than the phase-1 training form (dense coefficients,
-        raw signed P_up), as in the official code.
-
-    Returns:
-      f32 [B, H, N', N]; N' = N - 1 (CLS query row dropped) with a CLS token.
     """
     cfg = self.config
     b, n_tok, h, _ = q.shape
@@ -144,51 +149,136 @@ class SparsifinerMethod(base.SparseMethod):
     scale = (h if cfg.scale == "num_heads" else self.head_dim) ** -0.5
     if cfg.cls_token:
       qr = qr[:, 1:]
-    coef = jax.nn.softmax(jnp.einsum("bnhc,bhcm->bhnm", qr, basis_k) * scale,
-                          -1)
-    up = self.up[...]
-    if sparse:
-      coef = keep_topk(coef, cfg.coef_topk)
-      up = jnp.where(jnp.abs(up) > cfg.basis_threshold, jnp.abs(up), 0.0)
-    return jnp.einsum("bhnm,sm->bhns", coef, up)
+    return jax.nn.softmax(
+        jnp.einsum("bnhc,bhcm->bhnm", qr, basis_k) * scale, -1)
+
+  def _sparse_coefficients(self, q: jax.Array, k: jax.Array):
+    """The top-`coef_topk` entries of A_low: (values, slots) [B, H, N', 8]."""
+    coef = self._coefficients(q, k)
+    return jax.lax.top_k(coef, min(self.config.coef_topk, coef.shape[-1]))
+
+  def _sparse_basis(self) -> jax.Array:
+    """U = |P_up|^T with entries <= basis_threshold zeroed: f32 [n, N]."""
+    up = jnp.abs(self.up[...])
+    return jnp.where(up > self.config.basis_threshold, up, 0.0).T
+
+  def approximate(self, q: jax.Array, k: jax.Array, *,
+                  sparse: bool) -> jax.Array:
+    """The predictor's approximate attention map (N x N per head).
+
+    Args:
+      q: [B, N, H, D]; k: [B, N, Hkv, D].
+      sparse: the selection form (top-`coef_topk` coefficients, thresholded
+        |P_up|) rather than the phase-1 training form (dense coefficients,
+        raw signed P_up), as in the official code.
+
+    Returns:
+      f32 [B, H, N', N]; N' = N - 1 (CLS query row dropped) with a CLS token.
+    """
+    if not sparse:
+      return jnp.einsum("bhnm,sm->bhns", self._coefficients(q, k),
+                        self.up[...])
+    values, slots = self._sparse_coefficients(q, k)
+    return _up_project(values, slots, self._sparse_basis())
+
+  def select(self, q: jax.Array, k: jax.Array) -> jax.Array:
+    """The keys each non-CLS query keeps, best first (detached).
+
+    The approximate map is built one chunk of query rows at a time and
+    reduced to its top-k at once, so memory is O(N k) plus one chunk.
+
+    Args:
+      q: [B, N, H, D]; k: [B, N, Hkv, D].
+
+    Returns:
+      int32 [B, H, N', k], distinct key ids per row, k = keys_per_row.
+    """
+    cfg = self.config
+    q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
+    b, n_tok, h, _ = q.shape
+    keep = cfg.keys_per_row
+    if cfg.selection == "predictor":
+      values, slots = self._sparse_coefficients(q, k)
+      basis = self._sparse_basis()
+      row_keys = lambda xs: jax.lax.top_k(_up_project(*xs, basis), keep)[1]
+      rows = (jnp.moveaxis(values, 2, 0), jnp.moveaxis(slots, 2, 0))
+      per_row = b * h * n_tok * (1 + values.shape[-1])
+    else:
+      seed = jax.random.key(cfg.seed)
+      row_keys = lambda i: jax.lax.top_k(jax.random.uniform(
+          jax.random.fold_in(seed, i), (b, h, n_tok)), keep)[1]
+      rows = jnp.arange(n_tok - int(cfg.cls_token))
+      per_row = b * h * n_tok
+    chunk = max(1, _CHUNK_ELEMENTS // per_row)
+    idx = jax.lax.map(row_keys, rows, batch_size=chunk)  # [N', B, H, k]
+    return jnp.moveaxis(idx, 0, 2).astype(jnp.int32)
 
   def mask(self, q: jax.Array, k: jax.Array) -> jax.Array:
     """The detached binary mask bool [B, H, N, N] (k keys per row).
 
+    A dense view for inspection; the plan never builds it.
+
     Args:
       q: [B, N, H, D]; k: [B, N, Hkv, D].
     """
-    cfg = self.config
-    q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
-    if cfg.selection == "predictor":
-      scores = self.approximate(q, k, sparse=True)
-    else:
-      rows = cfg.num_tokens - int(cfg.cls_token)
-      scores = jax.random.uniform(
-          jax.random.key(cfg.seed),
-          (q.shape[0], q.shape[2], rows, cfg.num_tokens))
-    keep = row_topk_mask(jax.lax.stop_gradient(scores), cfg.keys_per_row)
-    if cfg.cls_token:
+    keep = _index_mask(self.select(q, k), self.config.num_tokens)
+    if self.config.cls_token:
       dense_row = jnp.ones(keep.shape[:2] + (1, keep.shape[-1]), bool)
       keep = jnp.concatenate([dense_row, keep], axis=2)
     return keep
 
   def plan(self, q: jax.Array, k: jax.Array, v: jax.Array,
            **kwargs) -> base.SparsePlan:
-    """Predicts the mask and builds its element-mask layout.
+    """Predicts each row's keys and lists them.
 
     Args:
       q: [B, N, H, D]; k, v: [B, N, Hkv, D].
       **kwargs: unused.
 
     Returns:
-      A SparsePlan with aux {"mask": bool [B, H, N, N]}.
+      A SparsePlan with a RowLayout [B, H, N, k]. With a CLS token its row 0
+      lists no key: `__call__` attends the CLS row densely.
     """
     del v, kwargs
-    keep = self.mask(q, k)
-    block = min(self.config.block_size, q.shape[1])
-    layout = layout_lib.BlockLayout.from_element_mask(keep, block, block)
-    return base.SparsePlan(layout=layout, aux={"mask": keep})
+    idx = self.select(q, k)
+    b, h, _, keep = idx.shape
+    cnt = jnp.full((b, h, idx.shape[2]), keep, jnp.int32)
+    if self.config.cls_token:
+      idx = jnp.concatenate([jnp.zeros((b, h, 1, keep), jnp.int32), idx], 2)
+      cnt = jnp.concatenate([jnp.zeros((b, h, 1), jnp.int32), cnt], 2)
+    layout = row_layout_lib.RowLayout.from_indices(
+        idx, cnt, num_keys=q.shape[1])
+    return base.SparsePlan(layout=layout)
+
+  def __call__(self, q, k, v, *, sm_scale=None, implementation=None,
+               interpret=False, **kwargs):
+    """plan + attend, the CLS row over all keys: [B, N, H, D]."""
+    out = super().__call__(q, k, v, sm_scale=sm_scale,
+                           implementation=implementation,
+                           interpret=interpret, **kwargs)
+    if not self.config.cls_token:
+      return out
+    every_key = row_layout_lib.RowLayout.from_indices(
+        np.arange(k.shape[1], dtype=np.int32)[None, None, None],
+        num_keys=k.shape[1])
+    cls = base.SparsePlan(layout=every_key).attend(
+        q[:, :1], k, v, sm_scale=sm_scale, implementation=implementation,
+        interpret=interpret)
+    return jnp.concatenate([cls, out[:, 1:]], axis=1)
+
+
+def _up_project(values: jax.Array, slots: jax.Array, basis: jax.Array
+                ) -> jax.Array:
+  """Rows of A_low_sparse U from their kept coefficients.
+
+  Args:
+    values, slots: [..., m] the kept coefficients and their basis slots.
+    basis: U [n, N].
+
+  Returns:
+    [..., N]: sum_j values[j] U[slots[j]] (O(m N) per row).
+  """
+  return jnp.einsum("...j,...jn->...n", values, basis[slots])
 
 
 def reconstruction_loss(approx: jax.Array, teacher_probs: jax.Array, *,

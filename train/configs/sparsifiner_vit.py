@@ -40,7 +40,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.attn.coef_topk = 8
   config.attn.basis_threshold = 0.02
   config.attn.scale = "num_heads"
-  config.attn.block_size = 32
   config.attn.implementation = ml_collections.config_dict.placeholder(str)
 
   config.loss = ml_collections.ConfigDict()

@@ -7,6 +7,28 @@ import jax.numpy as jnp
 import numpy as np
 
 from jsparse import masks
+from jsparse.masks import selection
+
+
+def _scores(shape, seed, ties):
+  """Normal scores; with `ties`, multiples of 0.5 (incl. -0.0 and 0.0)."""
+  x = jax.random.normal(jax.random.key(seed), shape)
+  return jnp.round(x * 2) / 2 if ties else x
+
+
+def _rows_to_dense(kv_idx, kv_cnt, row_mask, s):
+  """int [..., Qg * R, S]: how often each row lists each key."""
+  kv_idx, kv_cnt, row_mask = map(np.asarray, (kv_idx, kv_cnt, row_mask))
+  *lead, qg, m = kv_idx.shape
+  r = row_mask.shape[-2]
+  listed = ((np.arange(m) < kv_cnt[..., None]) & (kv_idx < s))[..., None, :]
+  listed = listed & row_mask
+  cols = np.broadcast_to(np.where(listed, kv_idx[..., None, :], s),
+                         listed.shape).reshape(*lead, qg * r, m)
+  dense = np.zeros((*lead, qg * r, s + 1), int)
+  lead_ix = np.indices((*lead, qg * r, m))
+  np.add.at(dense, (*lead_ix[:-1], cols), 1)
+  return dense[..., :s]
 
 
 class SelectionTest(parameterized.TestCase):
@@ -81,6 +103,47 @@ class SelectionTest(parameterized.TestCase):
 
     np.testing.assert_array_equal(jax.grad(f)(q), 0.0)
 
+
+  @parameterized.parameters((37, 5, 8, True), (50, 3, 16, True),
+                            (50, 60, 16, False), (23, 7, 1, True))
+  def test_prefix_topk_rows_is_the_prefix_topk(self, s, k, group, ties):
+    # Ragged S, ties (lower index wins), group > k, k >= S, group = 1.
+    scores = _scores((2, 3, s), s + k, ties)
+    kv_idx, kv_cnt, row_mask = jax.jit(
+        selection.prefix_topk_rows, static_argnums=(1, 2))(scores, k, group)
+    self.assertEqual(kv_idx.shape[-1], group + min(k, s))
+    dense = _rows_to_dense(kv_idx, kv_cnt, row_mask, s)[..., :s, :]
+    self.assertLessEqual(dense.max(), 1)  # every listed key once
+    np.testing.assert_array_equal(dense == 1, jax.jit(
+        selection.prefix_topk_mask, static_argnums=1)(scores, k))
+
+  def test_prefix_topk_states(self):
+    scores = _scores((2, 30), 5, True)
+    values, idx = selection.prefix_topk_states(scores, 6, 8)
+    self.assertEqual(idx.shape, (2, 5, 6))  # ceil(30 / 8) + 1 states
+    for b in range(2):
+      for a in range(5):
+        prefix = np.asarray(scores[b, :a * 8])
+        want = np.argsort(-prefix, kind="stable")[:6]
+        got = np.asarray(idx[b, a])[np.asarray(values[b, a]) > -np.inf]
+        np.testing.assert_array_equal(got, want)
+
+  def test_topk_keys_ties_and_validity(self):
+    scores = jnp.array([[0.0, -0.0, 2.0, 0.0, 5.0]])
+    valid = jnp.array([[True, True, True, True, False]])
+    idx, cnt = selection.topk_keys(scores, 3, valid=valid)
+    np.testing.assert_array_equal(idx, [[2, 0, 1]])
+    np.testing.assert_array_equal(cnt, [3])
+    _, cnt = selection.topk_keys(scores, 5, valid=valid)
+    np.testing.assert_array_equal(cnt, [4])
+
+  def test_block_majority_of_lists(self):
+    # Blocks of 4 over 10 keys: [0, 4) gets 3 keys, [4, 8) 2 (no majority),
+    # the ragged [8, 10) 2 of 2; an invalid entry does not vote.
+    idx = jnp.array([[0, 1, 2, 4, 5, 8, 9, 3]])
+    valid = jnp.array([[True] * 7 + [False]])
+    got = selection.block_majority(idx, valid, 10, 4)
+    np.testing.assert_array_equal(got, [[True, False, True]])
 
 if __name__ == "__main__":
   absltest.main()

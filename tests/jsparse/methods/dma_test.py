@@ -14,16 +14,17 @@ import numpy as np
 import jsparse
 from jsparse.masks import selection
 from jsparse.methods import dma
+from tests import jaxpr_size
 from tests import tolerances
 
 B, T, HQ, HKV, D, W, BLOCK = 2, 96, 4, 2, 16, 24, 16
 
 
-def _inputs(seed=0):
+def _inputs(seed=0, t=T):
   kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
-  return (jax.random.normal(kq, (B, T, HQ, D)),
-          jax.random.normal(kk, (B, T, HKV, D)),
-          jax.random.normal(kv, (B, T, HKV, D)))
+  return (jax.random.normal(kq, (B, t, HQ, D)),
+          jax.random.normal(kk, (B, t, HKV, D)),
+          jax.random.normal(kv, (B, t, HKV, D)))
 
 
 def _method(variant, granularity=dma.ELEMENT, exp_bias=False, window=W):
@@ -52,6 +53,16 @@ def _naive_mask(beta, variant, window):
       for i in range(t):
         keep = np.argsort(-beta[b, h, :i + 1], kind="stable")[:window]
         mask[b, h, i, keep] = True
+  return mask
+
+
+def _selected(method, beta):
+  """bool [B, Hkv, T, T]: the keys the plan's RowLayout lets each row see."""
+  t = beta.shape[-1]
+  layout = jax.jit(method.selection_layout)(beta)
+  mask = np.asarray(layout.to_dense_mask(t, t))
+  if method.config.causal:  # query_agnostic leaves causality to the op
+    mask = mask & np.tril(np.ones((t, t), bool))
   return mask
 
 
@@ -100,10 +111,12 @@ class DMATest(parameterized.TestCase):
   def test_registered(self):
     self.assertIs(jsparse.METHODS["dma"], dma.DMAMethod)
 
-  @parameterized.parameters((dma.PER_ROW, False), (dma.QUERY_AGNOSTIC, False),
-                            (dma.PER_ROW, True))
-  def test_matches_dense_reference(self, variant, exp_bias):
-    q, k, v = _inputs()
+  # T = 90: a ragged last query group (block 16).
+  @parameterized.parameters((dma.PER_ROW, False, T),
+                            (dma.QUERY_AGNOSTIC, False, T),
+                            (dma.PER_ROW, True, T), (dma.PER_ROW, False, 90))
+  def test_matches_dense_reference(self, variant, exp_bias, t):
+    q, k, v = _inputs(t=t)
     method = _method(variant, exp_bias=exp_bias)
 
     def ref(m, q, k, v):
@@ -122,6 +135,20 @@ class DMATest(parameterized.TestCase):
       np.testing.assert_allclose(got[name], want[name], atol=4 * atol,
                                  rtol=4 * atol, err_msg=name)
 
+  def test_bf16_error_within_reference_bf16_error(self):
+    method = _method(dma.PER_ROW)
+    q, k, v = (x.astype(jnp.bfloat16) for x in _inputs(5))
+    beta = method.key_bias(v)
+    mask = jnp.asarray(_naive_mask(beta, dma.PER_ROW, W))
+    oracle = _reference(*(x.astype(jnp.float32) for x in (q, k, v)), mask,
+                        beta)
+    ref_bf16 = _reference(q, k, v, mask, beta.astype(jnp.bfloat16))
+    out = _jit(_op, method)(q, k, v)
+    self.assertEqual(out.dtype, jnp.bfloat16)
+    err = tolerances.rms(out.astype(jnp.float32) - oracle)
+    ref_err = tolerances.rms(ref_bf16.astype(jnp.float32) - oracle)
+    self.assertLessEqual(err, tolerances.BF16_ERROR_RATIO * ref_err + 1e-6)
+
   @parameterized.parameters(dma.PER_ROW, dma.QUERY_AGNOSTIC)
   def test_block_granularity_matches_its_layout(self, variant):
     q, k, v = _inputs(1)
@@ -139,7 +166,7 @@ class DMATest(parameterized.TestCase):
   @parameterized.parameters(dma.PER_ROW, dma.QUERY_AGNOSTIC)
   def test_selection_is_causal_and_sized(self, variant):
     beta = jax.random.normal(jax.random.key(3), (B, HKV, T))
-    mask = np.asarray(_method(variant).key_selection(beta))
+    mask = _selected(_method(variant), beta)
     self.assertFalse(np.any(np.triu(mask, 1)))
     np.testing.assert_array_equal(mask, _naive_mask(beta, variant, W))
     counts = mask.sum(-1)
@@ -156,7 +183,7 @@ class DMATest(parameterized.TestCase):
     _, _, v = _inputs()
     beta = method.key_bias(v)
     np.testing.assert_array_equal(beta, 0.0)
-    mask = np.asarray(method.key_selection(beta))
+    mask = _selected(method, beta)
     want = np.tril(np.ones((T, T), bool)) & (np.arange(T) < W)[None]
     np.testing.assert_array_equal(mask, np.broadcast_to(want, mask.shape))
     gradient = _grads(_op, method, *_inputs())["a"]
@@ -168,7 +195,7 @@ class DMATest(parameterized.TestCase):
     # Make the early keys the least important: early rows keep nothing.
     v = v.at[:, :T // 2].multiply(-1.0)
     beta = method.key_bias(v)
-    mask = np.asarray(method.key_selection(beta))
+    mask = _selected(method, beta)
     empty = ~mask.any(-1)
     self.assertTrue(empty.any())
     out = _jit(_op, method)(q, k, v)
@@ -204,9 +231,26 @@ class DMATest(parameterized.TestCase):
 
   def test_selection_gets_no_gradient(self):
     beta = jnp.arange(T, dtype=jnp.float32)[None, None]
-    grad = jax.grad(lambda b: selection.prefix_topk_mask(b, W).sum().astype(
-        jnp.float32))(beta)
-    np.testing.assert_array_equal(grad, 0.0)
+
+    def visible(beta):
+      return selection.prefix_topk_rows(beta, W, BLOCK)[2].sum().astype(
+          jnp.float32)
+
+    np.testing.assert_array_equal(jax.grad(visible)(beta), 0.0)
+
+  @parameterized.parameters((dma.PER_ROW, dma.ELEMENT),
+                            (dma.QUERY_AGNOSTIC, dma.ELEMENT),
+                            (dma.PER_ROW, dma.BLOCK))
+  def test_plan_has_no_t_by_s_intermediate(self, variant, granularity):
+    t = 4096
+    cfg = dma.DMAConfig(num_kv_heads=HKV, head_dim=D, window=t // 8,
+                        variant=variant, granularity=granularity)
+    method = dma.DMAMethod(cfg, rngs=nnx.Rngs(0))
+    q, k, v = (jax.ShapeDtypeStruct((1, t, h, D), jnp.float32)
+               for h in (HQ, HKV, HKV))
+    size, shape, prim = jaxpr_size.largest_intermediate(
+        lambda q, k, v: method.plan(q, k, v).layout, q, k, v)
+    self.assertLess(size, t * t, f"{prim} {shape}")
 
 
 if __name__ == "__main__":

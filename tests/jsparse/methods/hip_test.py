@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jsparse.methods import hip
+from tests import jaxpr_size
 from tests.jsparse.methods import method_test_base as mtb
 
 _B, _T, _HQ, _HKV, _D = 1, 256, 4, 2, 16
@@ -35,6 +36,41 @@ def union_mask(mask: hip.HiPMask, config: hip.HiPConfig, t: int, s: int):
   return out
 
 
+def brute_force_search(q, k, config: hip.HiPConfig, q_offset: int):
+  """The tree search of the spec, one (batch, head, query block) at a time.
+
+  Returns:
+    int [B, Hq, Qb, K] selected block ids, ascending, -1 past the valid ones.
+  """
+  q, k = np.asarray(q), np.asarray(k)
+  b, t, hq, _ = q.shape
+  s, hkv = k.shape[1], k.shape[2]
+  bq, bk, nk = config.block_q, config.block_k, config.num_blocks
+  qb = -(-t // bq)
+  out = np.full((b, hq, qb, nk), -1)
+  for bi, hi, a in np.ndindex(b, hq, qb):
+    last = q_offset + min((a + 1) * bq, t)
+    n = -(-max(last - config.window - config.sink, 0) // bk)
+    start = np.arange(nk) * n // nk
+    size = (np.arange(1, nk + 1) * n // nk) - start
+    rows = np.minimum(a * bq + np.arange(0, bq, config.query_stride), t - 1)
+    queries = q[bi, rows, hi]
+    while size.max(initial=0) > 1:
+      c_start = np.concatenate([start, start + size // 2])
+      c_size = np.concatenate([size // 2, size - size // 2])
+      rep = c_start + (c_size // 2 if config.representative == "center"
+                       else 0)
+      tok = np.minimum(config.sink + rep[:, None] * bk + np.arange(bk), s - 1)
+      keys = k[bi, tok, hi // (hq // hkv)]  # [2K, bk, D]
+      score = np.einsum("id,cjd->cij", queries, keys).max((1, 2))
+      score = np.where(c_size > 0, score, -np.inf)
+      pick = np.argsort(-score, kind="stable")[:nk]  # ties: lower slot
+      start, size = c_start[pick], c_size[pick]
+    ids = np.sort(start[size > 0])
+    out[bi, hi, a, :ids.size] = ids
+  return out
+
+
 class HiPGatherTest(mtb.MethodTestBase):
 
   CONFIG = _GATHER
@@ -58,10 +94,26 @@ class HiPGatherTest(mtb.MethodTestBase):
   def dense_mask(self, method, q, k, kwargs):
     return np.tril(np.ones((1, 1, _T, _T), bool))
 
+  def test_plan_well_formed(self):
+    # RowLayout: a static list length set by the budget, distinct keys.
+    method = self.make_method()
+    q, k, v, kwargs = self.inputs(method)
+    layout = jax.jit(lambda q, k, v: method.plan(q, k, v, **kwargs).layout)(
+        q, k, v)
+    cfg = self.CONFIG
+    self.assertEqual(layout.group_size, cfg.block_q)
+    self.assertEqual(layout.max_keys, cfg.sink + cfg.budget + cfg.window
+                     + cfg.block_q - 1)
+    idx = np.asarray(layout.kv_idx)
+    listed = np.asarray(layout.listed()).any(-2)
+    keyed = np.where(listed, idx, -1 - np.arange(idx.shape[-1]))
+    self.assertFalse(np.any(np.diff(np.sort(keyed, -1), axis=-1) == 0))
+
 
 class HiPBlockTest(HiPGatherTest):
   CONFIG = _BLOCK
   TRAINS = False
+  test_plan_well_formed = mtb.MethodTestBase.test_plan_well_formed
 
   def test_uses_block_path(self):
     self.assertTrue(self.CONFIG.use_block_path())
@@ -69,6 +121,31 @@ class HiPBlockTest(HiPGatherTest):
 
 
 class HiPSearchTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      (_GATHER, 256, 256, 4, 2),
+      (hip.HiPConfig(budget=16, block_q=16, block_k=4, sink=3, window=20,
+                     representative="first"), 200, 300, 2, 1))
+  def test_matches_brute_force(self, config, t, s, hq, hkv):
+    # Small integers: exact dot products, so ties are broken the same way.
+    kq, kk = jax.random.split(jax.random.key(t + s))
+    q = jax.random.randint(kq, (2, t, hq, 8), -2, 3).astype(jnp.float32)
+    k = jax.random.randint(kk, (2, s, hkv, 8), -2, 3).astype(jnp.float32)
+    mask = jax.jit(lambda q, k: hip.search(q, k, config, q_offset=s - t))(
+        q, k)
+    got = np.where(mask.valid, mask.block_ids, -1)
+    np.testing.assert_array_equal(got, brute_force_search(q, k, config,
+                                                          s - t))
+
+  def test_plan_memory_is_t_times_kmax(self):
+    t, cfg = 4096, hip.HiPConfig()
+    method = hip.HiPMethod(cfg)
+    q, k = (jax.ShapeDtypeStruct((1, t, h, 16), jnp.float32) for h in (2, 1))
+    size, shape, prim = jaxpr_size.largest_intermediate(
+        lambda q, k: method.plan(q, k, k).layout, q, k)
+    # At most the row mask: T x Kmax per query head, Kmax constant in T.
+    kmax = cfg.sink + cfg.budget + cfg.window + cfg.block_q - 1
+    self.assertLessEqual(size, 2 * t * kmax, f"{prim} {shape}")
 
   @parameterized.parameters("center", "first")
   def test_monotone_scores_give_exact_topk(self, representative):

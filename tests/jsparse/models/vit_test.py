@@ -28,8 +28,7 @@ class ViTTest(absltest.TestCase):
     np.testing.assert_allclose(aux["probs"][0].sum(-1), 1.0, atol=1e-5)
 
   def test_full_density_sparsifiner_equals_dense(self):
-    method_config = sparsifiner.SparsifinerConfig(keep_rate=1.0,
-                                                  block_size=8)
+    method_config = sparsifiner.SparsifinerConfig(keep_rate=1.0)
     cfg = dataclasses.replace(_CFG, attention="sparsifiner",
                               method_config=method_config,
                               implementation="xla")
