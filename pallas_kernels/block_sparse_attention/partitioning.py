@@ -20,6 +20,11 @@ trace time, which Auto axes do not expose). A sharded sequence axis (context
 parallelism) or head dim raises, and so does a head sharding that does not
 divide the kv heads. Gradients of a bias broadcast over batch or heads are
 summed across the devices that share it (an all-reduce, the only collective).
+
+On one device (or an abstract mesh of size one, as in `jax.export`) the call
+runs unwrapped; so does a call with side effects, which custom_partitioning
+cannot carry: the TPU interpreter's ordered callbacks (interpret mode is a
+CPU debugging aid, and its operands are gathered on a multi-device mesh).
 """
 
 from __future__ import annotations
@@ -292,6 +297,19 @@ def _shard_map(fn, static, args):
                        out_specs=out_specs, check_vma=False)(*args)
 
 
+def _one_device() -> bool:
+  """Whether the computation being traced runs on a single device.
+
+  The context mesh decides when there is one (an abstract mesh for export
+  has no devices, and custom_partitioning needs them); else the process's
+  device count.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty:
+    return mesh.size == 1
+  return jax.device_count() == 1
+
+
 def call(fn: Callable, args: tuple, arg_roles: Any, result_roles: Any,
          dims: Dims):
   """fn(*args), partitioned over the batch and head axes of the mesh.
@@ -317,7 +335,11 @@ def call(fn: Callable, args: tuple, arg_roles: Any, result_roles: Any,
   """
   plain = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                        args)
-  results = jax.eval_shape(fn, *plain)
+  traced, results = jax.make_jaxpr(fn, return_shape=True)(*plain)
+  if _one_device() or traced.effects:
+    # Nothing to partition, or a call custom_partitioning cannot carry (the
+    # ordered callbacks of the TPU interpreter): run it as it is.
+    return fn(*args)
   rule, sizes, arg_factors, result_factors = _rule(
       arg_roles, args, result_roles, results, dims)
   static = _Static(rule, tuple(sorted(sizes.items())), dims,
