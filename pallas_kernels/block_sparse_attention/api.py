@@ -20,7 +20,8 @@ from pallas_kernels.block_sparse_attention import reference
 from pallas_kernels.block_sparse_attention import row_sparse
 from pallas_kernels.block_sparse_attention import tile_math
 
-Implementation = Literal["reference", "xla", "triton", "mosaic_tpu"]
+Implementation = Literal["reference", "xla", "triton", "mosaic_tpu",
+                         "mosaic_gpu"]
 
 # Backends with a custom VJP. Each module defines `NAME`, `SECOND_ORDER`
 # (whether its backward pass can be differentiated),

@@ -1,15 +1,19 @@
 """Block-sparse attention as Pallas Triton (GPU) kernels: the forward pass.
 
 Grid (query slabs, batch, q heads). Each program reads its layout row (kv
-block ids, count, kinds) as ordinary inputs, since GPU lowering has no scalar
-prefetch, and walks the row with a `fori_loop` bounded by the row's count,
-slicing K/V chunks out of the whole-sequence K/V refs. With `causal`, a row
-walks only the slots from its first to its last block the diagonal does not
-hide (precomputed per row; ascending lists hide a suffix in the forward
-lists, a prefix in the transposed ones). Tiles no predicate cuts (full
-blocks the diagonal leaves whole, without segment ids) skip the element
-mask. GQA reads kv head h // (Hq // Hkv) without repeating K/V. The dQ and
-dK/dV kernels live in `pallas_triton_vjp`.
+block ids, kinds, counts) as ordinary inputs, since GPU lowering has no
+scalar prefetch, and slices K/V chunks out of the whole-sequence K/V refs.
+The rows are reordered outside the kernel (`schedule.masked_first`): blocks
+that need an element mask (partial blocks, the ragged last kv block, blocks
+the causal diagonal cuts, every block with segment ids) first, then the
+others, and blocks wholly above the diagonal dropped. A program runs two
+`fori_loop`s, a masked and an unmasked one, so no loop branches per block;
+each iteration carries the next block id so the next K/V tiles' addresses
+are known a step early (the software pipeliner can prefetch them). A layout
+block wider than the chunk is walked chunk by chunk inside the iteration
+(unrolled), with no div/rem and one id load per block. GQA reads kv head
+h // (Hq // Hkv) without repeating K/V. The dQ and dK/dV kernels live in
+`pallas_triton_vjp`.
 
 The kernels lower to Triton when compiled for CUDA or ROCm and run in Pallas
 interpret mode on every other platform (CPU tests). The choice is made at
@@ -35,6 +39,7 @@ import jax.numpy as jnp
 from pallas_kernels import _common
 from pallas_kernels import layout as layout_lib
 from pallas_kernels.block_sparse_attention import config as config_lib
+from pallas_kernels.block_sparse_attention import schedule
 from pallas_kernels.block_sparse_attention import tile_math
 
 NAME = "triton"
@@ -73,10 +78,6 @@ class Geometry:
     if n == self.num_q_heads:
       return h
     return 0 if n == 1 else lax.div(h, self.group)
-
-  def kv_head_block(self, n: int):
-    """Heads per block of a size-n head axis in a kernel over kv heads."""
-    return self.group if n == self.num_q_heads and self.group > 1 else 1
 
 
 def geometry(q, k, layout, bias_k) -> Geometry:
@@ -125,79 +126,22 @@ def dot(a, b, *, trans_a=False, trans_b=False):
   return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
-def tile_logits(dot_qk, spec: tile_math.MaskSpec, geo: Geometry, *, kind,
-                kv_block, q_pos, kv_pos, bias, causal_offset, causal_all,
-                mask_operands):
-  """Masked f32 logits of one [R, C] tile.
-
-  Tiles that no predicate cuts take a branch with no mask work; the others
-  (partial blocks, the ragged last kv block, tiles the causal diagonal cuts,
-  every tile when segment ids are given) apply the element mask.
+def tile_logits(dot_qk, spec: tile_math.MaskSpec, bias, mask_inputs=None):
+  """Base-2 f32 logits of one [R, C] tile, masked in the masked loop.
 
   Args:
     dot_qk: f32 [R, C] raw q.k products.
     spec: the static mask description.
-    geo: kernel geometry.
-    kind: int8 scalar PARTIAL or FULL.
-    kv_block: int32 scalar kv block id of the tile.
-    q_pos: int32 [R, 1] query positions.
-    kv_pos: int32 [1, C] key positions.
     bias: f32 [1, C] key bias, or None.
-    causal_offset: int32 scalar (when spec.causal).
-    causal_all: bool scalar: the causal predicate holds on the whole tile.
-    mask_operands: () -> (q_seg, kv_seg, tile) loading what the predicates
-      read (None for those unused); called only off the fast path.
+    mask_inputs: None in the unmasked loop; in the masked one, () -> the
+      keyword arguments of `tile_math.element_mask` (positions, kind,
+      segments, tile), loaded only there.
   """
   s = tile_math.logits(dot_qk, spec, bias)
-  need = tile_math.needs_mask(
-      spec, is_partial=kind != layout_lib.FULL,
-      is_last_kv_block=kv_block == geo.num_kv_blocks - 1,
-      causal_all=causal_all)
-
-  def masked(s):
-    q_seg, kv_seg, tile = mask_operands()
-    mask = tile_math.element_mask(
-        q_pos, kv_pos, spec, full=kind == layout_lib.FULL,
-        causal_offset=causal_offset, q_seg=q_seg, kv_seg=kv_seg, tile=tile)
-    return tile_math.mask_logits(s, mask)
-
-  if isinstance(need, bool):
-    return masked(s) if need else s
-  return lax.cond(need, masked, lambda s: s, s)
-
-
-def causal_all(spec: tile_math.MaskSpec, causal_offset, q_span, kv_span):
-  """Whether the causal predicate holds on a whole tile (None: no causal).
-
-  `q_span` and `kv_span` are the (first, last) positions of the tile. Tiles
-  the diagonal hides entirely are walked only inside a row's live range (or
-  for unsorted lists) and come out fully masked.
-  """
-  if not spec.causal:
-    return None
-  return tile_math.causal_tile_test(*q_span, *kv_span, causal_offset)[1]
-
-
-@_common.numpy_broadcasting
-def list_bounds(idx, cnt, spec: tile_math.MaskSpec, causal_offset, *,
-                rows_are_q: bool, block_q: int, block_kv: int):
-  """(start, end) int32 [..., R]: the list slots each row walks.
-
-  [0, cnt) without causal; with it, from the row's first to its last slot
-  the diagonal does not hide (start = end = 0 when it hides them all).
-  """
-  if not spec.causal:
-    return None, cnt
-  idx = jnp.asarray(idx)
-  width = idx.shape[-1]
-  live = jnp.arange(width) < jnp.asarray(cnt)[..., None]
-  live = live & jnp.logical_not(tile_math.causal_hidden_blocks(
-      idx, causal_offset, rows_are_q=rows_are_q, block_q=block_q,
-      block_kv=block_kv))
-  some = jnp.any(live, axis=-1)
-  start = jnp.where(some, jnp.argmax(live, axis=-1), 0)
-  end = jnp.where(some, width - jnp.argmax(live[..., ::-1], axis=-1), 0)
-  return start.astype(jnp.int32), end.astype(jnp.int32)
+  if mask_inputs is None:
+    return s
+  return tile_math.mask_logits(
+      s, tile_math.element_mask(spec=spec, **mask_inputs()))
 
 
 def causal_offset_operand(causal_offset):
@@ -253,35 +197,46 @@ def call(kernel, operands, outputs, *, grid, num_warps, num_stages, name):
       default=functools.partial(run, True))
 
 
-def layout_operands(layout, row_map, spec, causal_offset):
+def scheduled_lists(name: str, idx, cnt, kind, tile_idx, spec, causal_offset,
+                    *, rows_are_q: bool, geo: Geometry):
+  """The `masked_first` lists a kernel walks, by operand name.
+
+  Returns {name_idx, name_kind, name_cnt (masked, total), tile_idx (with a
+  tile pool)} arrays [..., R, W] ([..., R, 2] for the counts).
+  """
+  order, counts = schedule.masked_first(
+      idx, cnt, kind, spec, causal_offset, rows_are_q=rows_are_q,
+      block_q=geo.block_q, block_kv=geo.block_kv,
+      num_kv_blocks=geo.num_kv_blocks)
+  idx, kind, tile_idx = schedule.reorder(order, idx, kind, tile_idx)
+  lists = {f"{name}_idx": idx.astype(jnp.int32), f"{name}_kind": kind,
+           f"{name}_cnt": counts}
+  if tile_idx is not None:
+    lists["tile_idx"] = tile_idx
+  return lists
+
+
+def tile_pool_operand(layout):
+  """The layout's int8 tile pool, whole, for every program."""
+  tiles = jnp.asarray(layout.tiles).astype(jnp.int8)
+  return tiles, pl.BlockSpec(tiles.shape, lambda *_: (0, 0, 0))
+
+
+def layout_operands(layout, row_map, spec, causal_offset, geo: Geometry):
   """The forward-orientation layout row a program reads, as operands.
 
   `row_map(i, b, h)` gives (layout batch, layout head, query block) of the
-  program; used by the forward and dQ kernels. The row's walk bounds are
-  "kv_start" (with causal) and "kv_end".
+  program; used by the forward and dQ kernels.
   """
-  kmax = layout.max_kv_blocks
-  row_spec = pl.BlockSpec((None, None, 1), lambda *g: row_map(*g))
-  start, end = list_bounds(layout.kv_idx, layout.kv_cnt, spec, causal_offset,
-                           rows_are_q=True, block_q=layout.block_q,
-                           block_kv=layout.block_kv)
-  ops = {
-      "kv_idx": (layout.kv_idx,
-                 pl.BlockSpec((None, None, None, kmax),
-                              lambda *g: (*row_map(*g), 0))),
-      "kv_end": (end, row_spec),
-      "kv_kind": (layout.kv_kind,
-                  pl.BlockSpec((None, None, None, kmax),
-                               lambda *g: (*row_map(*g), 0))),
-  }
-  if start is not None:
-    ops["kv_start"] = (start, row_spec)
+  lists = scheduled_lists(
+      "kv", layout.kv_idx, layout.kv_cnt, layout.kv_kind,
+      None if layout.tiles is None else layout.tile_idx, spec, causal_offset,
+      rows_are_q=True, geo=geo)
+  ops = {name: (x, pl.BlockSpec((None, None, None, x.shape[-1]),
+                                lambda *g: (*row_map(*g), 0)))
+         for name, x in lists.items()}
   if layout.tiles is not None:
-    ops["tile_idx"] = (layout.tile_idx,
-                       pl.BlockSpec((None, None, None, kmax),
-                                    lambda *g: (*row_map(*g), 0)))
-    tiles = jnp.asarray(layout.tiles).astype(jnp.int8)
-    ops["tiles"] = (tiles, pl.BlockSpec(tiles.shape, lambda *g: (0, 0, 0)))
+    ops["tiles"] = tile_pool_operand(layout)
   return ops
 
 
@@ -300,7 +255,7 @@ def q_major_operands(q, k, v, bias_k, q_seg, kv_seg, layout, spec,
     return (b if geo.layout_batch > 1 else 0,
             geo.q_head_map(geo.layout_heads, h), lax.div(i, sub))
 
-  ops = layout_operands(layout, row_map, spec, causal_offset)
+  ops = layout_operands(layout, row_map, spec, causal_offset, geo)
   ops["q"] = (q, pl.BlockSpec((None, rows, None, d),
                               lambda i, b, h: (b, i, h, 0)))
   kv_spec = pl.BlockSpec((None, seq_kv, None, d),
@@ -321,26 +276,39 @@ def q_major_operands(q, k, v, bias_k, q_seg, kv_seg, layout, spec,
   return ops
 
 
-def walk(start, end, chunks: int, body, init):
-  """fori_loop over (list slot, chunk) pairs of slots [start, end).
+def walk(r, name: str, spec: tile_math.MaskSpec, chunks: int, body, init,
+         index=()):
+  """The masked, then the unmasked loop over a program's scheduled list.
 
-  Calls body(slot, chunk, carry); `start` None means 0.
+  Calls body(slot, block, chunk, carry, masked=...) for each chunk of each
+  walked slot. `block` is the slot's listed block id, loaded one iteration
+  ahead and carried. The list and counts are refs `name_idx`, `name_cnt`,
+  read at `index` (the list of a GQA head in the dK/dV kernel).
   """
-  start = 0 if start is None else start
-  if chunks == 1:
-    return lax.fori_loop(start, end, lambda j, c: body(j, 0, c), init)
+  idx = getattr(r, name + "_idx")
+  cnt = getattr(r, name + "_cnt")
+  width = idx.shape[-1]
 
-  def flat_body(t, carry):
-    return body(lax.div(t, chunks), lax.rem(t, chunks), carry)
+  def block_id(j):
+    return idx[(*index, jnp.minimum(j, width - 1))]
 
-  return lax.fori_loop(start * chunks, end * chunks, flat_body, init)
+  def run(lo, hi, masked, carry):
+    def slot(j, state):
+      block, carry = state
+      for c in range(chunks):  # Unrolled: one loop for the pipeliner.
+        carry = body(j, block, c, carry, masked=masked)
+      return block_id(j + 1), carry
 
+    return lax.fori_loop(lo, hi, slot, (block_id(lo), carry))[1]
 
-def walk_bounds(r, name: str, index=()):
-  """(start, end) scalars of a program's list walk from its `name` refs."""
-  start = getattr(r, name + "_start", None)
-  return (None if start is None else start[(*index, 0)],
-          getattr(r, name + "_end")[(*index, 0)])
+  has_masked, has_unmasked = schedule.loops(spec)
+  n_masked, n_total = cnt[(*index, 0)], cnt[(*index, 1)]
+  carry = init
+  if has_masked:
+    carry = run(0, n_masked, True, carry)
+  if has_unmasked:
+    carry = run(n_masked, n_total, False, carry)
+  return carry
 
 
 def _fwd_kernel(r, *, spec: tile_math.MaskSpec, geo: Geometry, rows: int,
@@ -352,30 +320,20 @@ def _fwd_kernel(r, *, spec: tile_math.MaskSpec, geo: Geometry, rows: int,
   q_seg = r.q_seg[...][:, None] if spec.has_segments else None
   offset = r.causal_offset[0] if spec.causal else None
 
-  def step(j, c, carry):
+  def step(j, block, c, carry, *, masked):
     m, l, acc = carry
-    kv_block = r.kv_idx[j]
-    start = pl.multiple_of(kv_block * geo.block_kv + c * chunk, chunk)
+    start = pl.multiple_of(block * geo.block_kv + c * chunk, chunk)
     keys = pl.ds(start, chunk)
     k = r.k[keys, :]
     v = r.v[keys, :]
     bias = r.bias[keys][None, :] if geo.bias_heads else None
-
-    def mask_operands():
-      kv_seg = r.kv_seg[keys][None, :] if spec.has_segments else None
-      tile = None
-      if spec.has_tiles:
-        tile = load_tile(r, j, pl.ds(row_off, rows), pl.ds(c * chunk, chunk))
-      return q_seg, kv_seg, tile
-
-    s = tile_logits(
-        dot(q, k, trans_b=True), spec, geo, kind=r.kv_kind[j],
-        kv_block=kv_block, q_pos=q_pos,
-        kv_pos=start + jnp.arange(chunk, dtype=jnp.int32)[None, :],
-        bias=bias, causal_offset=offset,
-        causal_all=causal_all(spec, offset, (i * rows, i * rows + rows - 1),
-                              (start, start + chunk - 1)),
-        mask_operands=mask_operands)
+    mask_inputs = None
+    if masked:
+      mask_inputs = functools.partial(
+          q_major_mask_inputs, r, spec, j, keys, q_pos=q_pos, q_seg=q_seg,
+          causal_offset=offset, tile_rows=pl.ds(row_off, rows),
+          tile_cols=pl.ds(c * chunk, chunk))
+    s = tile_logits(dot(q, k, trans_b=True), spec, bias, mask_inputs)
     m, l, p, alpha = tile_math.online_softmax_update(m, l, s)
     acc = alpha * acc + dot(p.astype(v.dtype), v)
     return m, l, acc
@@ -383,10 +341,27 @@ def _fwd_kernel(r, *, spec: tile_math.MaskSpec, geo: Geometry, rows: int,
   init = (jnp.full((rows, 1), -jnp.inf, jnp.float32),
           jnp.zeros((rows, 1), jnp.float32),
           jnp.zeros((rows, geo.head_dim), jnp.float32))
-  m, l, acc = walk(*walk_bounds(r, "kv"), geo.block_kv // chunk, step, init)
+  m, l, acc = walk(r, "kv", spec, geo.block_kv // chunk, step, init)
   out, lse = tile_math.online_softmax_finish(m, l, acc)
   r.out[...] = out.astype(r.out.dtype)
   r.lse[...] = lse[:, 0]
+
+
+def q_major_mask_inputs(r, spec: tile_math.MaskSpec, slot, keys, *, q_pos,
+                        q_seg, causal_offset, tile_rows, tile_cols):
+  """`element_mask` inputs of a forward-list tile (forward and dQ kernels).
+
+  `keys` is the tile's key slice; `tile_rows`/`tile_cols` its slice of the
+  layout block (for the tile pool).
+  """
+  return dict(
+      q_pos=q_pos,
+      kv_pos=keys.start + jnp.arange(keys.size, dtype=jnp.int32)[None, :],
+      full=r.kv_kind[slot] == layout_lib.FULL, causal_offset=causal_offset,
+      q_seg=q_seg,
+      kv_seg=r.kv_seg[keys][None, :] if spec.has_segments else None,
+      tile=(load_tile(r, slot, tile_rows, tile_cols) if spec.has_tiles
+            else None))
 
 
 def prepare(q, k, v, layout):

@@ -4,16 +4,26 @@ Every backend (the XLA gather path and the Pallas kernels) computes logits,
 element masks, softmax statistics and their gradients with these functions,
 so the numerics are defined once. All functions broadcast: a "tile" is any
 array whose last two axes are (query rows, keys).
+
+Logits are kept in base 2: `logits` returns log2(e) times the natural logit,
+with the scale and log2(e) folded into one multiply, and the softmax uses
+exp2 (FlashAttention-2 style; on GPU exp2 is one instruction). Log-sum-exps
+going in (`probabilities`) and out stay natural logs, and gradients are taken
+with respect to the natural logits.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax.numpy as jnp
 
 from pallas_kernels import _common
 from pallas_kernels import layout as layout_lib
+
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,17 +77,25 @@ class MaskSpec:
 
 
 def logits(dot, spec: MaskSpec, bias=None):
-  """Logits from raw q.k products: scale, soft-cap, then add the key bias."""
-  s = dot.astype(jnp.float32) * spec.sm_scale
-  if spec.softcap is not None:
-    s = spec.softcap * jnp.tanh(s / spec.softcap)
+  """Base-2 logits log2(e) * s from raw q.k products.
+
+  The natural logit s scales q.k, soft-caps it, then adds the key bias;
+  log2(e) rides on the scale (and on the cap and bias) so a logit costs one
+  multiply.
+  """
+  dot = dot.astype(jnp.float32)
+  if spec.softcap is None:
+    s = dot * (spec.sm_scale * _LOG2E)
+  else:
+    s = (spec.softcap * _LOG2E) * jnp.tanh(
+        dot * (spec.sm_scale / spec.softcap))
   if bias is not None:
-    s = s + bias.astype(jnp.float32)
+    s = s + bias.astype(jnp.float32) * _LOG2E
   return s
 
 
 def dot_cotangent(ds, dot, spec: MaskSpec):
-  """d(loss)/d(q.k) from d(loss)/d(logits), recomputing the soft-cap."""
+  """d(loss)/d(q.k) from d(loss)/d(natural logits), recomputing the cap."""
   if spec.softcap is not None:
     t = jnp.tanh(dot.astype(jnp.float32) * spec.sm_scale / spec.softcap)
     ds = ds * (1.0 - t * t)
@@ -165,9 +183,9 @@ def causal_tile_test(q_first, q_last, kv_first, kv_last, causal_offset):
 
 
 @_common.numpy_broadcasting
-def causal_hidden_blocks(idx, causal_offset, *, rows_are_q: bool,
-                         block_q: int, block_kv: int):
-  """bool [..., R, W]: entries of block lists wholly above the diagonal.
+def causal_block_test(idx, causal_offset, *, rows_are_q: bool, block_q: int,
+                      block_kv: int):
+  """(any, all) bool [..., R, W]: `causal_tile_test` of block-list entries.
 
   `idx` [..., R, W] lists, per row, kv blocks of query block `row` (forward
   lists) or, with `rows_are_q=False`, query blocks of kv block `row`
@@ -175,9 +193,16 @@ def causal_hidden_blocks(idx, causal_offset, *, rows_are_q: bool,
   """
   row = jnp.arange(idx.shape[-2], dtype=jnp.int32)[:, None]
   q_block, kv_block = (row, idx) if rows_are_q else (idx, row)
-  visible, _ = causal_tile_test(
+  return causal_tile_test(
       q_block * block_q, q_block * block_q + block_q - 1,
       kv_block * block_kv, kv_block * block_kv + block_kv - 1, causal_offset)
+
+
+def causal_hidden_blocks(idx, causal_offset, *, rows_are_q: bool,
+                         block_q: int, block_kv: int):
+  """bool [..., R, W]: entries of block lists wholly above the diagonal."""
+  visible, _ = causal_block_test(idx, causal_offset, rows_are_q=rows_are_q,
+                                 block_q=block_q, block_kv=block_kv)
   return jnp.logical_not(visible)
 
 
@@ -203,15 +228,15 @@ def needs_mask(spec: MaskSpec, *, is_partial, is_last_kv_block, causal_all):
 
 
 def softmax_stats(s, axes):
-  """Masked-safe softmax over `axes` of logits `s` (-inf where masked).
+  """Masked-safe softmax over `axes` of base-2 logits `s` (-inf: masked).
 
   Returns:
-    p: unnormalised probabilities exp(s - m), 0 where masked.
+    p: unnormalised probabilities exp2(s - m), 0 where masked.
     l: their sum (keepdims), 0 for rows with nothing visible.
-    lse: log-sum-exp (keepdims), -inf for rows with nothing visible.
+    lse: natural log-sum-exp (keepdims), -inf for rows with nothing visible.
   """
   m = _shift(jnp.max(s, axis=axes, keepdims=True))
-  p = jnp.exp(s - m)
+  p = jnp.exp2(s - m)
   l = jnp.sum(p, axis=axes, keepdims=True)
   return p, l, _log_sum_exp(m, l)
 
@@ -224,9 +249,10 @@ def _shift(m):
 
 
 def _log_sum_exp(shift, l):
-  """shift + log(l), -inf for rows with nothing visible (l = 0)."""
+  """Natural log of 2**shift * l, -inf for rows with nothing visible (l = 0)."""
   empty = l == 0
-  return jnp.where(empty, -jnp.inf, shift + jnp.log(jnp.where(empty, 1.0, l)))
+  lse2 = shift + jnp.log2(jnp.where(empty, 1.0, l))
+  return jnp.where(empty, -jnp.inf, lse2 * _LN2)
 
 
 def normalise(acc, l):
@@ -236,8 +262,8 @@ def normalise(acc, l):
 
 
 def probabilities(s, lse):
-  """Normalised probabilities recomputed from the saved log-sum-exp."""
-  return jnp.exp(s - _shift(lse))
+  """Probabilities from base-2 logits and the saved natural log-sum-exp."""
+  return jnp.exp2(s - _shift(lse * _LOG2E))
 
 
 def logits_cotangent(p, dp, delta):
@@ -255,27 +281,27 @@ def online_softmax_update(m_prev, l_prev, s):
 
   Args:
     m_prev: f32 [..., R, 1] running row max, -inf for rows that saw nothing.
-    l_prev: f32 [..., R, 1] running sum of exp(logits - m_prev).
-    s: f32 [..., R, K] logits of the new tile, -inf where masked.
+    l_prev: f32 [..., R, 1] running sum of exp2(logits - m_prev).
+    s: f32 [..., R, K] base-2 logits of the new tile, -inf where masked.
 
   Returns:
     m: updated row max [..., R, 1] (-inf while a row has seen nothing).
     l: updated row sum [..., R, 1].
-    p: exp(s - m) [..., R, K], 0 where masked.
+    p: exp2(s - m) [..., R, K], 0 where masked.
     alpha: [..., R, 1] factor rescaling accumulators built under `m_prev`.
   """
   m = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))
   # A row with nothing visible so far keeps m = -inf; shifting by 0 instead
   # makes alpha = p = 0 there rather than NaN from (-inf) - (-inf).
   shift = _shift(m)
-  alpha = jnp.exp(m_prev - shift)
-  p = jnp.exp(s - shift)
+  alpha = jnp.exp2(m_prev - shift)
+  p = jnp.exp2(s - shift)
   l = alpha * l_prev + jnp.sum(p, axis=-1, keepdims=True)
   return m, l, p, alpha
 
 
 def online_softmax_finish(m, l, acc):
-  """Output and log-sum-exp [..., R, 1] from the final streaming state.
+  """Output and natural log-sum-exp [..., R, 1] from the streaming state.
 
   Rows that saw no key (l = 0) give output 0 and log-sum-exp -inf; a NaN
   (or +inf logit) seen by a row gives NaN there.
@@ -288,15 +314,16 @@ def backward_tile(dot, s, lse, dp, delta, spec: MaskSpec):
 
   Args:
     dot: f32 [..., R, K] raw q.k products.
-    s: f32 [..., R, K] masked logits (-inf where masked).
-    lse: f32 [..., R, 1] saved log-sum-exp (-inf for rows that saw nothing).
+    s: f32 [..., R, K] masked base-2 logits (-inf where masked).
+    lse: f32 [..., R, 1] saved natural log-sum-exp (-inf for rows that saw
+      nothing).
     dp: f32 [..., R, K] dO.V^T.
     delta: f32 [..., R, 1] rowsum(dO * O).
     spec: the static mask description.
 
   Returns:
     p: normalised probabilities [..., R, K] (for dV = P^T dO).
-    ds: d(loss)/d(logits) [..., R, K] (its column sums give d(bias_k)).
+    ds: d(loss)/d(natural logits) [..., R, K] (column sums: d(bias_k)).
     ddot: d(loss)/d(q.k) [..., R, K] (dQ = ddot K, dK = ddot^T Q).
   """
   p = probabilities(s, lse)

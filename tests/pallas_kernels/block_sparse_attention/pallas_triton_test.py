@@ -7,6 +7,10 @@ from absl.testing import parameterized
 import hypothesis
 from hypothesis import strategies as st
 import jax
+# Private: parse the exported module and the Triton kernels it embeds.
+from jax._src.interpreters import mlir
+from jax._src.lib.mlir import ir
+from jax._src.pallas.triton import lowering as triton_lowering
 import jax.numpy as jnp
 import numpy as np
 
@@ -14,7 +18,7 @@ from pallas_kernels import BlockLayout
 from pallas_kernels.block_sparse_attention import api
 from pallas_kernels.block_sparse_attention import config
 from pallas_kernels.block_sparse_attention import pallas_triton
-from pallas_kernels.block_sparse_attention import tile_math
+from pallas_kernels.block_sparse_attention import pallas_triton_vjp
 from tests.pallas_kernels.block_sparse_attention import test_base
 
 _H100 = jax.sharding.AbstractDevice(
@@ -96,48 +100,28 @@ class PallasTritonTest(test_base.BlockSparseAttentionTestBase):
                                     q_segment_ids=seg, kv_segment_ids=kv_seg,
                                     causal=True)
 
-  def test_causal_walk_bounds(self):
-    # Dense lists with causal: each q block walks kv blocks [0, i]; each kv
-    # block's transposed list walks q blocks [j, Qb). Offset -32 hides one
-    # more block per row.
-    layout = BlockLayout.dense(128, 128, block_q=32, block_kv=32)
-    spec = tile_math.MaskSpec(q_len=128, kv_len=128, kv_len_padded=128,
-                              band=None, has_segments=False, has_tiles=False,
-                              sm_scale=1.0, softcap=None, causal=True)
-    lt = layout.transpose()
-    for offset, shift in ((0, 0), (-32, 1)):
-      bounds = lambda idx, cnt, rows_are_q: pallas_triton.list_bounds(
-          idx, cnt, spec, jnp.int32(offset), rows_are_q=rows_are_q,
-          block_q=32, block_kv=32)
-      start, end = bounds(layout.kv_idx, layout.kv_cnt, True)
-      np.testing.assert_array_equal(start[0, 0], 0)
-      np.testing.assert_array_equal(end[0, 0],
-                                    np.maximum(np.arange(1, 5) - shift, 0))
-      first = np.arange(4) + shift  # first q block seeing kv block j
-      start, end = bounds(lt.q_idx, lt.q_cnt, False)
-      np.testing.assert_array_equal(start[0, 0], np.where(first < 4, first, 0))
-      np.testing.assert_array_equal(end[0, 0], np.where(first < 4, 4, 0))
+  @parameterized.parameters((1, 1, "shared"), (4, 2, "q"), (264, 4, "q"))
+  def test_gqa_dkv_splits(self, min_programs, splits, heads):
+    # Group 4 on 2 dK/dV programs (2 kv slabs x 1 x 1): the group summed by
+    # one program, split over two, or over four (one q head each).
+    b, t, s, hq, hkv = 1, 64, 64, 4, 1
+    q, k, v = test_base.random_qkv(9, b, t, s, hq, hkv, 16)
+    hl = test_base.layout_heads(heads, hq, hkv)
+    layout = test_base.random_layout(10, 1, hl, t, s, 32, 32, density=0.7)
+    bias = jax.random.normal(jax.random.key(11), (1, hl, s))
+    with mock.patch.object(pallas_triton_vjp, "_MIN_DKV_PROGRAMS",
+                           min_programs):
+      self.assertEqual(pallas_triton_vjp.dkv_splits(2, hq), splits)
+      self.assert_matches_reference(q, k, v, layout, bias_k=bias,
+                                    causal=True)
 
-  def test_causal_layouts_cost_no_more_with_causal(self):
-    # BlockLayout.causal with causal=True: the walk keeps every listed block
-    # and the diagonal leaves every FULL block whole (no masked path).
-    layout = BlockLayout.causal(200, block_q=32, block_kv=32)
-    spec = tile_math.MaskSpec(q_len=200, kv_len=200, kv_len_padded=224,
-                              band=layout.band, has_segments=False,
-                              has_tiles=False, sm_scale=1.0, softcap=None,
-                              causal=True)
-    start, end = pallas_triton.list_bounds(
-        layout.kv_idx, layout.kv_cnt, spec, jnp.int32(0), rows_are_q=True,
-        block_q=32, block_kv=32)
-    np.testing.assert_array_equal(start, 0)
-    np.testing.assert_array_equal(end, layout.kv_cnt)
-    idx = np.asarray(layout.kv_idx)
-    full = (np.arange(idx.shape[-1]) < np.asarray(layout.kv_cnt)[..., None]
-            ) & (np.asarray(layout.kv_kind) == 2)
-    q_first = np.arange(idx.shape[2])[:, None] * 32
-    _, whole = tile_math.causal_tile_test(q_first, q_first + 31, idx * 32,
-                                          idx * 32 + 31, 0)
-    self.assertTrue(np.asarray(whole)[full].all())
+  def test_dkv_splits_heuristic(self):
+    # MQA, B=1, T=4k, 64-key slabs: 64 programs, split to 8 x 64 = 512.
+    self.assertEqual(pallas_triton_vjp.dkv_splits(64, 8), 8)
+    self.assertEqual(pallas_triton_vjp.dkv_splits(64, 12), 6)
+    self.assertEqual(pallas_triton_vjp.dkv_splits(200, 4), 2)
+    self.assertEqual(pallas_triton_vjp.dkv_splits(512, 8), 1)
+    self.assertEqual(pallas_triton_vjp.dkv_splits(1, 1), 1)
 
   def test_block_size_must_be_power_of_two(self):
     q, k, v = test_base.random_qkv(0, 1, 48, 48, 1, 1, 16)
@@ -165,6 +149,46 @@ def _drop_inherited(cls, prefixes):
 _drop_inherited(PallasTritonTest, _TRIMMED)
 
 
+def _export_for_h100(fn, *args):
+  """Exports jit(fn) for CUDA on an abstract H100; returns the MLIR text."""
+  mesh = jax.sharding.AbstractMesh(
+      (1,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,),
+      abstract_device=_H100)
+  with jax.sharding.use_abstract_mesh(mesh):
+    exported = jax.export.export(
+        jax.jit(fn), platforms=["cuda"],
+        disabled_checks=[
+            jax.export.DisabledSafetyCheck.custom_call(_TRITON_CALL)],
+    )(*args)
+  return exported.mlir_module()
+
+
+def _triton_kernels(module_text):
+  """The Triton IR (tt dialect text) of each Triton call in a module.
+
+  Pallas stores each kernel as MLIR bytecode in the "ir" entry of the call's
+  backend config.
+  """
+  payloads = []
+
+  def visit(op):
+    for region in op.regions:
+      for block in region.blocks:
+        for child in block.operations:
+          attrs = child.operation.attributes
+          if (child.operation.name == "stablehlo.custom_call"
+              and ir.StringAttr(attrs["call_target_name"]).value
+              == _TRITON_CALL):
+            config = ir.DictAttr(attrs["mhlo.backend_config"])
+            payloads.append(ir.StringAttr(config["ir"]).value_bytes)
+          visit(child.operation)
+
+  with mlir.make_ir_context():
+    visit(ir.Module.parse(module_text).operation)
+  with triton_lowering._new_ir_context():  # pylint: disable=protected-access
+    return [str(ir.Module.parse(payload)) for payload in payloads]
+
+
 class TritonLoweringTest(parameterized.TestCase):
   """Exports for CUDA with an abstract H100: Triton lowering errors fail CI."""
 
@@ -190,26 +214,39 @@ class TritonLoweringTest(parameterized.TestCase):
       return jnp.sum(masked.astype(jnp.float32) * plain.astype(jnp.float32))
 
     fn = jax.grad(loss, argnums=(0, 1, 2, 3)) if grad else loss
-    args = (jax.ShapeDtypeStruct((b, t, hq, head_dim), dtype),
-            jax.ShapeDtypeStruct((b, t, hkv, head_dim), dtype),
-            jax.ShapeDtypeStruct((b, t, hkv, head_dim), dtype),
-            jax.ShapeDtypeStruct((b, hq, t), dtype),
-            jax.ShapeDtypeStruct((b, t), jnp.int32))
-    mesh = jax.sharding.AbstractMesh(
-        (1,), ("x",), axis_types=(jax.sharding.AxisType.Explicit,),
-        abstract_device=_H100)
-    with jax.sharding.use_abstract_mesh(mesh):
-      exported = jax.export.export(
-          jax.jit(fn), platforms=["cuda"],
-          disabled_checks=[
-              jax.export.DisabledSafetyCheck.custom_call(_TRITON_CALL)],
-      )(*args)
-    module = exported.mlir_module()
+    module = _export_for_h100(
+        fn, jax.ShapeDtypeStruct((b, t, hq, head_dim), dtype),
+        jax.ShapeDtypeStruct((b, t, hkv, head_dim), dtype),
+        jax.ShapeDtypeStruct((b, t, hkv, head_dim), dtype),
+        jax.ShapeDtypeStruct((b, hq, t), dtype),
+        jax.ShapeDtypeStruct((b, t), jnp.int32))
     # Two forward calls, plus a dQ and a dK/dV call each under grad.
     self.assertEqual(module.count(_TRITON_CALL), 6 if grad else 2)
     for kernel in ("block_sparse_attention_fwd", "block_sparse_attention_dq",
                    "block_sparse_attention_dkv")[:3 if grad else 1]:
       self.assertIn(kernel, module)
+
+  @parameterized.parameters(None, 30.0)
+  def test_triton_ir_softmax_is_base2(self, softcap):
+    # Forward, dQ and dK/dV kernels: exp2 (libdevice __nv_exp2f, one ex2
+    # instruction) and no __nv_expf anywhere.
+    t, d = 256, 64
+    layout = BlockLayout.causal(t, block_q=64, block_kv=64)
+
+    def loss(q, k, v):
+      out = api.block_sparse_attention(
+          q, k, v, layout, softcap=softcap, implementation="triton",
+          interpret=True)
+      return jnp.sum(out.astype(jnp.float32))
+
+    spec = jax.ShapeDtypeStruct((1, t, 2, d), jnp.bfloat16)
+    kernels = _triton_kernels(
+        _export_for_h100(jax.grad(loss, argnums=(0, 1, 2)), spec, spec, spec))
+    self.assertLen(kernels, 3)
+    for kernel in kernels:
+      self.assertIn("tt.func", kernel)
+      self.assertIn("__nv_exp2f", kernel)
+      self.assertNotIn("__nv_expf", kernel)
 
 
 if __name__ == "__main__":
