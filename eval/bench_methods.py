@@ -9,8 +9,11 @@ run measures side by side:
   runs it;
 - `dense_s`: `jax.nn.dot_product_attention` on the same q, k, v (causal for
   the causal methods);
-- compiled temp memory and XLA cost-analysis FLOPs of plan + attend and of
-  dense attention;
+- compiled temp memory of plan + attend and of dense attention;
+- FLOPs against dense: matmul FLOPs counted in the jaxpr
+  (`eval/matmul_flops.py`: loop bodies times their trip counts), and XLA's
+  cost-analysis FLOPs, which count a loop body once and so under-count the
+  chunked gather paths (kept for comparison);
 - block density (listed blocks over Qb·Kb, or listed keys over S for row
   layouts) and element density (visible logits over T·S, counted exactly
   by running the plan's own masks on q = k = 0, where lse = log(count)).
@@ -43,6 +46,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from eval import matmul_flops as matmul_flops_lib  # noqa: E402
 from jsparse import methods as methods_lib  # noqa: E402
 from jsparse.methods import blade  # noqa: E402
 from jsparse.methods import dma  # noqa: E402
@@ -223,6 +227,8 @@ def bench_one(name: str, t: int, args) -> dict:
   dense_s = min_time(jax.jit(dense_fn), q, k, v, reps=args.reps)
   sparse_stats = compiled_stats(total_fn, state, q, k, v)
   dense_stats = compiled_stats(dense_fn, q, k, v)
+  sparse_mm = matmul_flops_lib.matmul_flops(total_fn, state, q, k, v)
+  dense_mm = matmul_flops_lib.matmul_flops(dense_fn, q, k, v)
   layout = plan.layout
   row = dict(
       method=name, seq_len=case.q_len, kv_len=case.kv_len,
@@ -235,14 +241,18 @@ def bench_one(name: str, t: int, args) -> dict:
       selection_share=plan_s / total_s,
       temp_bytes=sparse_stats["temp_bytes"],
       dense_temp_bytes=dense_stats["temp_bytes"],
-      flops=sparse_stats["flops"], dense_flops=dense_stats["flops"],
-      flops_over_dense=sparse_stats["flops"] / dense_stats["flops"],
+      matmul_flops=sparse_mm.flops, dense_matmul_flops=dense_mm.flops,
+      matmul_flops_over_dense=sparse_mm.flops / dense_mm.flops,
+      while_loops_counted_once=sparse_mm.while_loops,
+      xla_flops=sparse_stats["flops"], dense_xla_flops=dense_stats["flops"],
+      xla_flops_over_dense=sparse_stats["flops"] / dense_stats["flops"],
   )
   print(f"{name:11s} T={case.q_len:6d} density block {row['block_density']:.3f}"
         f" element {row['element_density']:.3f}  total/dense "
         f"{row['total_over_dense']:5.2f}  select share "
         f"{row['selection_share']:4.2f}  temp {row['temp_bytes'] / 2**20:8.1f}"
-        f" MiB  flops/dense {row['flops_over_dense']:5.2f}", flush=True)
+        f" MiB  matmul flops/dense {row['matmul_flops_over_dense']:5.3f}",
+        flush=True)
   return row
 
 

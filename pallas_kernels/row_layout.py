@@ -7,9 +7,11 @@ executes it with a gather path whose memory is O(T * Kmax) and work
 O(T * Kmax * D); see `block_sparse_attention/row_sparse.py`.
 
 A query group is `group_size` consecutive queries sharing one gathered list
-(1: a list per row). An optional `row_mask` lets each row of a group see only
-part of the group's list, which reuses each gathered key `group_size` times
-when neighbouring rows pick overlapping keys.
+(1: a list per row). Optional row ranges (`row_start`, `row_end`) let each
+listed key be seen by an interval of the group's rows only, which reuses each
+gathered key `group_size` times when neighbouring rows pick overlapping keys
+(a causal boundary, a sliding window, a key that enters or leaves a running
+top-k), at O(Kmax) integers per group instead of a [group_size, Kmax] mask.
 
 Like `BlockLayout`, it is a registered pytree: NumPy leaves for a static
 layout built on the host, traced leaves for one built under `jit`.
@@ -52,31 +54,34 @@ class RowLayout:
   Attributes:
     kv_idx: int32 [Bl, Hl, Qg, Kmax] key token indices in [0, S) listed for
       each query group; entries past the group's count are ignored (any
-      value). Bl is 1 (shared) or B; Hl is 1, the number of kv heads (the q
+      value), and so are entries equal to S within it (padding). Bl is 1 (shared) or B; Hl is 1, the number of kv heads (the q
       heads of a kv head share the list) or of q heads. The valid entries of
       one list must be distinct: `validate` checks host layouts, while
       duplicates in a traced layout are counted twice (the key gets twice
       its softmax weight).
     kv_cnt: int32 [Bl, Hl, Qg] number of valid entries; the op clamps it to
       [0, Kmax]. A group with no visible key gives output 0 and lse -inf.
-    row_mask: optional bool [Bl, Hl, Qg, group_size, Kmax]: row r of group g
-      sees listed key m only where True. None: every row of a group sees
-      every listed key.
+    row_start: optional int32 [Bl, Hl, Qg, Kmax], with `row_end`: row r
+      (0 <= r < group_size) of group g sees listed key m only when
+      row_start[..., g, m] <= r < row_end[..., g, m]. None: every row of a
+      group sees every listed key.
+    row_end: optional int32 [Bl, Hl, Qg, Kmax], see `row_start`.
     group_size: queries per group (static); Qg = ceil(T / group_size).
     num_keys: S, the length of the kv axis (static).
   """
 
   kv_idx: Any
   kv_cnt: Any
-  row_mask: Any = None
+  row_start: Any = None
+  row_end: Any = None
   group_size: int = 1
   num_keys: int = 0
 
   # -- pytree ---------------------------------------------------------------
 
   def tree_flatten(self):
-    return (self.kv_idx, self.kv_cnt, self.row_mask), (self.group_size,
-                                                       self.num_keys)
+    return ((self.kv_idx, self.kv_cnt, self.row_start, self.row_end),
+            (self.group_size, self.num_keys))
 
   @classmethod
   def tree_unflatten(cls, aux, children):
@@ -86,7 +91,8 @@ class RowLayout:
 
   @classmethod
   def from_indices(cls, kv_idx, kv_cnt=None, *, num_keys: int,
-                   group_size: int = 1, row_mask=None) -> RowLayout:
+                   group_size: int = 1, row_start=None,
+                   row_end=None) -> RowLayout:
     """From index lists (NumPy on the host, or jax arrays, maybe traced).
 
     Args:
@@ -94,10 +100,13 @@ class RowLayout:
       kv_cnt: optional integer [Bl, Hl, Qg] valid entries; None: all Kmax.
       num_keys: S, the number of keys.
       group_size: queries per group.
-      row_mask: optional bool [Bl, Hl, Qg, group_size, Kmax].
+      row_start: optional integer [Bl, Hl, Qg, Kmax], with `row_end`: the
+        rows [row_start, row_end) of a group see the entry.
+      row_end: optional integer [Bl, Hl, Qg, Kmax].
 
     Raises:
-      ValueError: on non-integer indices or inconsistent shapes.
+      ValueError: on non-integer indices or ranges, inconsistent shapes, or
+        only one of row_start and row_end.
     """
     kv_idx = _as_int32(kv_idx, "kv_idx")
     if kv_idx.ndim != 4:
@@ -106,8 +115,13 @@ class RowLayout:
     xp = _xp(kv_idx)
     if kv_cnt is None:
       kv_cnt = xp.full(kv_idx.shape[:3], kv_idx.shape[3], np.int32)
-    layout = cls(kv_idx, _as_int32(kv_cnt, "kv_cnt"),
-                 None if row_mask is None else _xp(row_mask).asarray(row_mask),
+    if (row_start is None) != (row_end is None):
+      raise ValueError("row_start and row_end must be given together, got "
+                       f"only {'row_end' if row_start is None else 'row_start'}")
+    if row_start is not None:
+      row_start = _as_int32(row_start, "row_start")
+      row_end = _as_int32(row_end, "row_end")
+    layout = cls(kv_idx, _as_int32(kv_cnt, "kv_cnt"), row_start, row_end,
                  int(group_size), int(num_keys))
     check_shapes(layout)
     return layout
@@ -142,18 +156,23 @@ class RowLayout:
     """bool [Bl, Hl, Qg, group_size|1, Kmax]: entries a row may see.
 
     An entry is listed when its slot is below the clamped count, its index
-    lies in [0, S) and the row mask (if any) allows it.
+    lies in [0, S) and the row's position lies in the entry's row range (if
+    any).
     """
-    xp = _xp(self.kv_idx, self.kv_cnt, self.row_mask)
+    xp = _xp(*jax.tree_util.tree_leaves(self))
     cnt = xp.clip(self.kv_cnt, 0, self.max_keys)
     valid = xp.arange(self.max_keys) < cnt[..., None]
     valid = valid & (self.kv_idx >= 0) & (self.kv_idx < self.num_keys)
     valid = valid[..., None, :]
-    return valid if self.row_mask is None else valid & self.row_mask
+    if self.row_start is None:
+      return valid
+    rows = xp.arange(self.group_size)[:, None]
+    return valid & ((rows >= self.row_start[..., None, :])
+                    & (rows < self.row_end[..., None, :]))
 
   def density(self):
     """Mean number of keys a query row sees, divided by S."""
-    xp = _xp(self.kv_idx, self.kv_cnt, self.row_mask)
+    xp = _xp(*jax.tree_util.tree_leaves(self))
     listed = xp.broadcast_to(self.listed(), (*self.kv_idx.shape[:3],
                                              self.group_size, self.max_keys))
     return xp.mean(listed.sum(-1)) / self.num_keys
@@ -190,8 +209,8 @@ class RowLayout:
     """Host-side checks with clear errors; shapes only for traced layouts.
 
     Raises:
-      ValueError: on inconsistent shapes, listed indices outside [0, S) or
-        repeated within one list.
+      ValueError: on inconsistent shapes, listed indices outside [0, S]
+        (S is padding) or valid indices repeated within one list.
     """
     check_shapes(self)
     if not self.is_host:
@@ -199,11 +218,13 @@ class RowLayout:
     idx = np.asarray(self.kv_idx)
     cnt = np.clip(np.asarray(self.kv_cnt), 0, self.max_keys)
     valid = np.arange(self.max_keys) < cnt[..., None]
-    bad = valid & ((idx < 0) | (idx >= self.num_keys))
+    bad = valid & ((idx < 0) | (idx > self.num_keys))
     if bad.any():
       raise ValueError(
           f"kv_idx entries within kv_cnt must lie in [0, num_keys="
-          f"{self.num_keys}), found {idx[bad][:4].tolist()}")
+          f"{self.num_keys}) (or equal num_keys, padding), found "
+          f"{idx[bad][:4].tolist()}")
+    valid &= idx < self.num_keys
     # Invalid slots get distinct negative fillers so only real repeats tie.
     keyed = np.where(valid, idx, -1 - np.arange(self.max_keys))
     repeated = np.diff(np.sort(keyed, axis=-1), axis=-1) == 0
@@ -233,11 +254,12 @@ def check_shapes(layout: RowLayout) -> None:
         f"layout.group_size must be >= 1, got {layout.group_size}")
   if layout.num_keys < 1:
     raise ValueError(f"layout.num_keys must be >= 1, got {layout.num_keys}")
-  if layout.row_mask is not None:
-    want = (*idx_shape[:3], layout.group_size, idx_shape[3])
-    if (tuple(layout.row_mask.shape) != want
-        or layout.row_mask.dtype != bool):
+  if (layout.row_start is None) != (layout.row_end is None):
+    raise ValueError("layout.row_start and layout.row_end must be given "
+                     "together")
+  for name in ("row_start", "row_end"):
+    x = getattr(layout, name)
+    if x is not None and (tuple(x.shape) != idx_shape or x.dtype != np.int32):
       raise ValueError(
-          f"layout.row_mask must be bool [Bl, Hl, Qg, group_size, Kmax]="
-          f"{list(want)}, got {layout.row_mask.dtype} "
-          f"{tuple(layout.row_mask.shape)}")
+          f"layout.{name} must be int32 [Bl, Hl, Qg, Kmax]={list(idx_shape)},"
+          f" got {x.dtype} {tuple(x.shape)}")

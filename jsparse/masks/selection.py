@@ -382,7 +382,7 @@ def _visible_rows(tail_v: jax.Array, tail_ok: jax.Array, new_v: jax.Array,
 
 
 def prefix_topk_rows(scores: jax.Array, k: int, group: int
-                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+                     ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Per-row causal top-k as row-sparse lists, without any S x S array.
 
   Row i keeps top(i), the k best of keys 0..i (ties: lower index). For the
@@ -394,7 +394,7 @@ def prefix_topk_rows(scores: jax.Array, k: int, group: int
   left never returns (its beaters only accumulate), so each key is visible
   on one interval of the group's rows, and only the new keys and the R
   worst of top(a - 1) can leave within the group. Work: O(S / R * (k + R)
-  log k) for the prefixes, O(S * (k + R)) for the lists and row masks.
+  log k) for the prefixes, O(S / R * (k + R)) for the lists and row ranges.
 
   Args:
     scores: [..., S] per-key scores (no gradient flows through the choice).
@@ -403,8 +403,10 @@ def prefix_topk_rows(scores: jax.Array, k: int, group: int
 
   Returns:
     kv_idx int32 [..., Qg, R + k'] (the R keys of the group, then top(a-1)
-    best first; entries >= S are padding), kv_cnt int32 [..., Qg] and
-    row_mask bool [..., Qg, R, R + k'], Qg = ceil(S / R), k' = min(k, S).
+    best first; entries >= S are padding), kv_cnt int32 [..., Qg], and
+    row_start, row_end int32 [..., Qg, R + k']: the rows [row_start,
+    row_end) of a group see the entry (a RowLayout's row ranges);
+    Qg = ceil(S / R), k' = min(k, S).
   """
   scores = _rankable(scores)
   lead, s = scores.shape[:-1], scores.shape[-1]
@@ -429,14 +431,12 @@ def prefix_topk_rows(scores: jax.Array, k: int, group: int
   last = jnp.concatenate([
       end[..., tail:], jnp.full((*lead, qg, k - tail), group, jnp.int32),
       end[..., :tail]], -1)
-  rows = r.reshape((1,) * (len(lead) + 1) + (group, 1))
-  row_mask = ((rows >= first.reshape((1,) * (rows.ndim - 1) + (-1,)))
-              & (rows < last[..., None, :]))
   kv_idx = jnp.concatenate([
       jnp.broadcast_to(start + r[None, :], (*lead, qg, group)), old_i], -1)
   kv_cnt = jnp.broadcast_to(group + jnp.minimum(start[:, 0], k),
                             (*lead, qg))
-  return kv_idx, kv_cnt.astype(jnp.int32), row_mask
+  return (kv_idx, kv_cnt.astype(jnp.int32),
+          jnp.broadcast_to(first, last.shape), last)
 
 
 def topk_keys(scores: jax.Array, k: int, *, valid: jax.Array | None = None

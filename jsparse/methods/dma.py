@@ -21,7 +21,7 @@ than the window:
 With `granularity="element"` the exact selection reaches the op as a
 `RowLayout` (key lists, never an S x S mask). "per_row" lists, for each
 group of `block_size` queries, the group's own keys plus the top-w of the
-keys before it (Kmax = w + group, a row mask says which row sees which);
+keys before it (Kmax = w + group; row ranges say which rows see which key);
 neighbouring rows share almost all of their w keys, so one gathered list
 serves the whole group. "query_agnostic" lists the same w keys for every
 group (Kmax = w) and leaves causality to the op. With `granularity="block"`,
@@ -137,17 +137,18 @@ class DMAMethod(base.SparseMethod):
     Returns:
       A RowLayout [B, Hkv] with group_size = min(block_size, S): for
       "per_row" the group's keys and the top-w of the keys before it, with
-      a row mask (causality included); for "query_agnostic" the w best keys
-      for every group, no row mask (the op applies causality).
+      row ranges (causality included); for "query_agnostic" the w best keys
+      for every group, no row ranges (the op applies causality).
     """
     cfg = self.config
     s = scores.shape[-1]
     group = min(cfg.block_size, s)
     if cfg.variant == PER_ROW:
-      kv_idx, kv_cnt, row_mask = selection.prefix_topk_rows(
+      kv_idx, kv_cnt, row_start, row_end = selection.prefix_topk_rows(
           scores, cfg.window, group)
       return RowLayout.from_indices(kv_idx, kv_cnt, num_keys=s,
-                                    group_size=group, row_mask=row_mask)
+                                    group_size=group, row_start=row_start,
+                                    row_end=row_end)
     idx, cnt = selection.topk_keys(scores, cfg.window)
     groups = layout_lib.cdiv(s, group)
     return RowLayout.from_indices(

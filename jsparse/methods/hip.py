@@ -20,11 +20,11 @@ Two execution paths, both one op call:
     blocks as partial under the window band; the picks are whole tiles.
   * gather (any `block_k`, e.g. the paper's 2): a RowLayout with one key
     list per (query head, query block), group_size = block_q, listing the
-    sink, the selected tokens and the window span, with a row mask for the
-    exact per-row visibility. Tiny key blocks fit no kernel tile; a
+    sink, the selected tokens and the window span, with row ranges for the
+    exact per-row visibility (causal, window). Tiny key blocks fit no kernel tile; a
     BlockLayout of block_k-wide blocks would gather the same rows, while
     the list shares each gathered key among the block_q rows that searched
-    together and carries the exact union in its row mask. Its length is
+    together and carries the exact union in its row ranges. Its length is
     constant in T (Kmax = sink + budget + window + block_q - 1): memory and
     work are O(T * Kmax).
 """
@@ -318,7 +318,7 @@ def row_layout(mask: HiPMask, q_len: int, kv_len: int, config: HiPConfig,
     q_offset: position of the first query (may be traced); default S - T.
 
   Returns:
-    A RowLayout [B, Hq, Qb, Kmax] with group_size = block_q and a row mask.
+    A RowLayout [B, Hq, Qb, Kmax] with group_size = block_q and row ranges.
   """
   bq, bk, w = config.block_q, config.block_k, config.window
   b, h, qb, nk = mask.block_ids.shape
@@ -345,14 +345,14 @@ def row_layout(mask: HiPMask, q_len: int, kv_len: int, config: HiPConfig,
   ok &= (tok >= 0) & (tok < kv_len)
   kind = np.concatenate([np.zeros(config.sink + nk * bk, bool),
                          np.ones(span, bool)])  # window-span slots
-  row = (first[:, None] + jnp.arange(bq)[None, :])[None, None, :, :, None]
-  j = tok[:, :, :, None, :]
-  in_window = j > row - w
-  visible = (j <= row) & (jnp.asarray(~kind).reshape(1, 1, 1, 1, -1)
-                          | in_window)
+  # Row first + r sees token j when j <= first + r (causal) and, for the
+  # window-span slots, first + r < j + w.
+  local = tok - first[None, None, :, None]
+  row_start = jnp.clip(local, 0, bq)
+  row_end = jnp.clip(jnp.where(jnp.asarray(kind), local + w, bq), 0, bq)
   return RowLayout.from_indices(
       jnp.where(ok, tok, kv_len), num_keys=kv_len, group_size=bq,
-      row_mask=visible)
+      row_start=row_start, row_end=row_end)
 
 
 class HiPMethod(base.SparseMethod):

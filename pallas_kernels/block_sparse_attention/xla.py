@@ -1,19 +1,23 @@
 """Gather-based block-sparse attention in plain jnp; runs on any platform.
 
 Each query block gathers its Kmax listed kv blocks and does one softmax over
-them, so memory is O(T * Kmax * block_kv) instead of O(T * S). The backward
-pass recomputes the logits from the saved log-sum-exp and scatter-adds the
-key-side gradients (deterministic on CPU and TPU).
+them. Query blocks run in chunks (`lax.map` / `lax.scan`) sized so that one
+chunk's gathered keys and logits stay around `_CHUNK_ELEMENTS` elements:
+memory is O(T * Kmax) for the lists plus one chunk's work, never a T x S
+array, whatever T. The backward pass recomputes each chunk's logits from the
+saved log-sum-exp and scatter-adds the key-side gradients into f32
+accumulators carried through the scan (deterministic on CPU and TPU).
 
 Shape letters: B batch, L layout heads (kv heads, or q heads for per-q-head
-layouts), G q heads per layout head, Q q blocks, I rows of a q block, J list
-slots (Kmax), K keys of a kv block, D head dim.
+layouts), G q heads per layout head, N chunks, Q q blocks (of a chunk), I
+rows of a q block, J list slots (Kmax), K keys of a kv block, D head dim.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
 from pallas_kernels import _common
@@ -23,6 +27,9 @@ from pallas_kernels.block_sparse_attention import tile_math
 NAME = "xla"
 # Its backward is plain jnp, so it can be differentiated again.
 SECOND_ORDER = True
+# Target size of one chunk's work: B * L * Q * max(G * I, 2 * D) * J * K
+# elements bounds its logits and its gathered keys and values.
+_CHUNK_ELEMENTS = 1 << 22
 
 
 def unavailable_reason(platform: str, interpret: bool) -> str | None:
@@ -102,12 +109,13 @@ class _Gathered:
 
 
 def _element_mask(layout, spec, geo, shape, kv_pos, q_seg, kv_seg,
-                  causal_offset):
+                  causal_offset, first_q_block):
   """bool [B|1, L|1, 1, Q, I, J, K] element visibility, or None."""
   if not (spec.has_layout_mask or spec.has_op_mask or spec.kv_is_ragged):
     return None
   b = shape[0]
-  q_pos = (jnp.arange(geo.num_q_blocks)[:, None] * geo.block_q
+  q_blocks = first_q_block + jnp.arange(geo.num_q_blocks)
+  q_pos = (q_blocks[:, None] * geo.block_q
            + jnp.arange(geo.block_q))[:, :, None, None]
   kv_pos = kv_pos[:, :, None, :, None]
   q_seg_e = kv_seg_e = tile = None
@@ -127,7 +135,7 @@ def _element_mask(layout, spec, geo, shape, kv_pos, q_seg, kv_seg,
 
 
 def _gather(q, k, v, bias_k, q_seg, kv_seg, layout, spec, geo,
-            causal_offset):
+            causal_offset, first_q_block):
   b, s, hkv, d = k.shape
   shape = (b, geo.layout_heads, geo.num_q_blocks, layout.max_kv_blocks)
   kv_idx = jnp.broadcast_to(layout.kv_idx, shape)
@@ -143,7 +151,7 @@ def _gather(q, k, v, bias_k, q_seg, kv_seg, layout, spec, geo,
   slot = jnp.arange(layout.max_kv_blocks)
   visible = (slot < kv_cnt[..., None])[:, :, None, :, None, :, None]
   mask = _element_mask(layout, spec, geo, shape, kv_pos, q_seg, kv_seg,
-                       causal_offset)
+                       causal_offset, first_q_block)
   if mask is not None:
     visible = visible & mask
 
@@ -175,6 +183,66 @@ def _logits(g: _Gathered, spec):
   return dot, jnp.where(g.visible, s, -jnp.inf)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Chunking:
+  """N chunks of Q query blocks each; the last chunk may be padded."""
+  num_chunks: int  # N
+  chunk: int  # Q
+
+  @classmethod
+  def of(cls, geo: _Geometry, layout, head_dim: int) -> _Chunking:
+    per_block = (geo.batch * geo.layout_heads * layout.max_kv_blocks
+                 * geo.block_kv * max(geo.group * geo.block_q, 2 * head_dim))
+    chunk = max(1, min(geo.num_q_blocks, _CHUNK_ELEMENTS // per_block))
+    num_chunks = -(-geo.num_q_blocks // chunk)
+    # Balanced: the last chunk pads least.
+    return cls(num_chunks, -(-geo.num_q_blocks // num_chunks))
+
+  def split_rows(self, x, geo: _Geometry, axis: int):
+    """x with T = Qb * I on `axis` -> [N, ...] with Q * I there."""
+    pad = self.num_chunks * self.chunk * geo.block_q - x.shape[axis]
+    x = jnp.pad(x, [(0, pad if a == axis else 0) for a in range(x.ndim)])
+    x = x.reshape(*x.shape[:axis], self.num_chunks, self.chunk * geo.block_q,
+                  *x.shape[axis + 1:])
+    return jnp.moveaxis(x, axis, 0)
+
+  def merge_rows(self, x, geo: _Geometry, axis: int):
+    """Inverse of `split_rows` (padding dropped)."""
+    x = jnp.moveaxis(x, 0, axis)
+    x = x.reshape(*x.shape[:axis], -1, *x.shape[axis + 2:])
+    return jax.lax.slice_in_dim(x, 0, geo.num_q_blocks * geo.block_q,
+                                axis=axis)
+
+  def split_layout(self, layout):
+    """The lists [Bl, Hl, Qb, ...] -> [N, Bl, Hl, Q, ...]; padded query
+    blocks list nothing. The tile pool is shared by every chunk."""
+    pad = self.num_chunks * self.chunk - layout.num_q_blocks
+
+    def split(x, fill=0):
+      if x is None:
+        return None
+      x = jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3),
+                  constant_values=fill)
+      x = x.reshape(*x.shape[:2], self.num_chunks, self.chunk, *x.shape[3:])
+      return jnp.moveaxis(x, 2, 0)
+
+    return (split(layout.kv_idx), split(layout.kv_cnt),
+            split(layout.kv_kind), split(layout.tile_idx, -1))
+
+  def chunk_geometry(self, geo: _Geometry) -> _Geometry:
+    return dataclasses.replace(geo, num_q_blocks=self.chunk)
+
+
+def _chunk_layout(layout, lists):
+  kv_idx, kv_cnt, kv_kind, tile_idx = lists
+  return dataclasses.replace(layout, kv_idx=kv_idx, kv_cnt=kv_cnt,
+                             kv_kind=kv_kind, tile_idx=tile_idx)
+
+
+def _split_segments(q_seg, chunking, geo):
+  return None if q_seg is None else chunking.split_rows(q_seg, geo, 1)
+
+
 @_common.numpy_broadcasting
 def forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, *,
             causal_offset=None):
@@ -184,14 +252,25 @@ def forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, *,
   when spec.causal).
   """
   geo = _geometry(q, k, layout)
-  g = _gather(q, k, v, bias_k, q_seg, kv_seg, layout, spec, geo,
-              causal_offset)
-  _, s = _logits(g, spec)
-  p, l, lse = tile_math.softmax_stats(s, axes=(-2, -1))
-  probs = tile_math.normalise(p, l).astype(v.dtype)
-  out = jnp.einsum("blgqijk,blqjkd->blgqid", probs, g.v,
-                   preferred_element_type=jnp.float32)
-  return _from_blocks(out, geo).astype(q.dtype), _row_stat(lse, geo)
+  chunking = _Chunking.of(geo, layout, q.shape[-1])
+  cgeo = chunking.chunk_geometry(geo)
+
+  def chunk(xs):
+    qc, q_seg_c, lists, n = xs
+    g = _gather(qc, k, v, bias_k, q_seg_c, kv_seg,
+                _chunk_layout(layout, lists), spec, cgeo, causal_offset,
+                n * chunking.chunk)
+    _, s = _logits(g, spec)
+    p, l, lse = tile_math.softmax_stats(s, axes=(-2, -1))
+    probs = tile_math.normalise(p, l).astype(v.dtype)
+    out = jnp.einsum("blgqijk,blqjkd->blgqid", probs, g.v,
+                     preferred_element_type=jnp.float32)
+    return _from_blocks(out, cgeo).astype(q.dtype), _row_stat(lse, cgeo)
+
+  out, lse = jax.lax.map(chunk, (
+      chunking.split_rows(q, geo, 1), _split_segments(q_seg, chunking, geo),
+      chunking.split_layout(layout), jnp.arange(chunking.num_chunks)))
+  return chunking.merge_rows(out, geo, 1), chunking.merge_rows(lse, geo, 2)
 
 
 @_common.numpy_broadcasting
@@ -202,40 +281,53 @@ def backward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, out, lse, dout,
   `dlse` f32 [B, Hq, T] is the cotangent of the returned log-sum-exp.
   """
   geo = _geometry(q, k, layout)
-  g = _gather(q, k, v, bias_k, q_seg, kv_seg, layout, spec, geo,
-              causal_offset)
-  dot, s = _logits(g, spec)
-  probs = tile_math.probabilities(s, _row_stat_blocks(lse, geo))
-  do = _to_blocks(dout, geo)
+  chunking = _Chunking.of(geo, layout, q.shape[-1])
+  cgeo = chunking.chunk_geometry(geo)
+  b, s_len, hkv, d = k.shape
   delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), -1)
   delta = delta.transpose(0, 2, 1) - dlse.astype(jnp.float32)
-  delta = _row_stat_blocks(delta, geo)
 
-  dv_blocks = jnp.einsum("blgqijk,blgqid->blqjkd", probs.astype(do.dtype),
-                         do, preferred_element_type=jnp.float32)
-  dp = jnp.einsum("blgqid,blqjkd->blgqijk", do, g.v,
-                  preferred_element_type=jnp.float32)
-  ds = tile_math.logits_cotangent(probs, dp, delta)
-  ddot = tile_math.dot_cotangent(ds, dot, spec).astype(q.dtype)
-  dq = jnp.einsum("blgqijk,blqjkd->blgqid", ddot, g.k,
-                  preferred_element_type=jnp.float32)
-  dk_blocks = jnp.einsum("blgqijk,blgqid->blqjkd", ddot, g.q,
-                         preferred_element_type=jnp.float32)
+  def chunk(acc, xs):
+    qc, q_seg_c, lists, n, do, lse_c, delta_c = xs
+    g = _gather(qc, k, v, bias_k, q_seg_c, kv_seg,
+                _chunk_layout(layout, lists), spec, cgeo, causal_offset,
+                n * chunking.chunk)
+    dot, s = _logits(g, spec)
+    probs = tile_math.probabilities(s, _row_stat_blocks(lse_c, cgeo))
+    do = _to_blocks(do, cgeo)
+    delta_c = _row_stat_blocks(delta_c, cgeo)
+    dv_blocks = jnp.einsum("blgqijk,blgqid->blqjkd", probs.astype(do.dtype),
+                           do, preferred_element_type=jnp.float32)
+    dp = jnp.einsum("blgqid,blqjkd->blgqijk", do, g.v,
+                    preferred_element_type=jnp.float32)
+    ds = tile_math.logits_cotangent(probs, dp, delta_c)
+    ddot = tile_math.dot_cotangent(ds, dot, spec).astype(q.dtype)
+    dq = jnp.einsum("blgqijk,blqjkd->blgqid", ddot, g.k,
+                    preferred_element_type=jnp.float32)
+    dk_blocks = jnp.einsum("blgqijk,blgqid->blqjkd", ddot, g.q,
+                           preferred_element_type=jnp.float32)
+    index = (jnp.arange(b)[:, None, None, None],
+             geo.kv_head()[None, :, None, None], g.kv_idx)
+    dk_acc, dv_acc, dbias_acc = acc
+    dk_acc = dk_acc.at[index].add(dk_blocks)
+    dv_acc = dv_acc.at[index].add(dv_blocks)
+    if dbias_acc is not None:
+      dbias_acc = dbias_acc.at[g.bias_index].add(ds.sum(axis=4))
+    return (dk_acc, dv_acc, dbias_acc), _from_blocks(dq, cgeo).astype(q.dtype)
 
-  b, s_len, hkv, d = k.shape
-  index = (jnp.arange(b)[:, None, None, None], geo.kv_head()[None, :, None,
-                                                             None], g.kv_idx)
-
-  def scatter(blocks, like):
-    acc = jnp.zeros((b, hkv, s_len // geo.block_kv, geo.block_kv, d),
+  zeros = jnp.zeros((b, hkv, s_len // geo.block_kv, geo.block_kv, d),
                     jnp.float32)
-    acc = acc.at[index].add(blocks)
+  dbias0 = None if bias_k is None else jnp.zeros(bias_k.shape, jnp.float32)
+  (dk, dv, dbias), dq = jax.lax.scan(chunk, (zeros, zeros, dbias0), (
+      chunking.split_rows(q, geo, 1), _split_segments(q_seg, chunking, geo),
+      chunking.split_layout(layout), jnp.arange(chunking.num_chunks),
+      chunking.split_rows(dout, geo, 1), chunking.split_rows(lse, geo, 2),
+      chunking.split_rows(delta, geo, 2)))
+
+  def unblock(acc, like):
     return acc.transpose(0, 2, 3, 1, 4).reshape(like.shape).astype(like.dtype)
 
-  dbias = None
-  if bias_k is not None:
-    dbias = jnp.zeros(bias_k.shape, jnp.float32)
-    dbias = dbias.at[g.bias_index].add(ds.sum(axis=4))
+  if dbias is not None:
     dbias = dbias.astype(bias_k.dtype)
-  return (_from_blocks(dq, geo).astype(q.dtype), scatter(dk_blocks, k),
-          scatter(dv_blocks, v), dbias)
+  return (chunking.merge_rows(dq, geo, 1), unblock(dk, k), unblock(dv, v),
+          dbias)

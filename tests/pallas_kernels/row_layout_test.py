@@ -9,7 +9,7 @@ import numpy as np
 from pallas_kernels import RowLayout
 
 
-def brute_force_mask(idx, cnt, row_mask, group_size, q_len, kv_len):
+def brute_force_mask(idx, cnt, ranges, group_size, q_len, kv_len):
   """bool [Bl, Hl, T, S] by looping over every listed entry."""
   bl, hl, qg, kmax = idx.shape
   mask = np.zeros((bl, hl, q_len, kv_len), bool)
@@ -17,11 +17,23 @@ def brute_force_mask(idx, cnt, row_mask, group_size, q_len, kv_len):
     listed = m < min(max(cnt[b, h, g], 0), kmax)
     if not listed or not 0 <= idx[b, h, g, m] < kv_len:
       continue
-    for r in range(group_size):
+    rows = range(group_size)
+    if ranges:
+      rows = range(ranges["row_start"][b, h, g, m],
+                   ranges["row_end"][b, h, g, m])
+    for r in rows:
       row = g * group_size + r
-      if row < q_len and (row_mask is None or row_mask[b, h, g, r, m]):
+      if 0 <= r < group_size and row < q_len:
         mask[b, h, row, idx[b, h, g, m]] = True
   return mask
+
+
+def random_row_ranges(seed, shape, group_size):
+  """Random row ranges (some empty, some past the group) for lists `shape`."""
+  rng = np.random.default_rng(seed)
+  start = rng.integers(-1, group_size + 1, shape).astype(np.int32)
+  end = (start + rng.integers(-1, group_size + 1, shape)).astype(np.int32)
+  return dict(row_start=start, row_end=end)
 
 
 def random_lists(seed, bl, hl, qg, kmax, kv_len):
@@ -46,23 +58,22 @@ class RowLayoutTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "must be distinct"):
       lay.validate()
 
-  @parameterized.product(group_size=[1, 3], with_row_mask=[False, True],
+  @parameterized.product(group_size=[1, 3], with_row_ranges=[False, True],
                          q_len=[7, 9])
-  def test_dense_mask_matches_brute_force(self, group_size, with_row_mask,
+  def test_dense_mask_matches_brute_force(self, group_size, with_row_ranges,
                                           q_len):
     qg, kv_len = -(-q_len // group_size), 11
     idx, cnt = random_lists(0, 2, 3, qg, 4, kv_len)
-    rng = np.random.default_rng(1)
-    row_mask = (rng.random((2, 3, qg, group_size, 4)) < 0.6
-                if with_row_mask else None)
+    ranges = (random_row_ranges(1, idx.shape, group_size)
+              if with_row_ranges else {})
     lay = RowLayout.from_indices(idx, cnt, num_keys=kv_len,
-                                 group_size=group_size, row_mask=row_mask)
+                                 group_size=group_size, **ranges)
     lay.validate()
-    want = brute_force_mask(idx, cnt, row_mask, group_size, q_len, kv_len)
+    want = brute_force_mask(idx, cnt, ranges, group_size, q_len, kv_len)
     np.testing.assert_array_equal(lay.to_dense_mask(q_len, kv_len), want)
     # Density counts the rows of the padded last group too.
     rows = qg * group_size
-    listed = brute_force_mask(idx, cnt, row_mask, group_size, rows, kv_len)
+    listed = brute_force_mask(idx, cnt, ranges, group_size, rows, kv_len)
     np.testing.assert_allclose(lay.density(), listed.mean(), rtol=1e-6)
 
   def test_entries_past_the_count_are_ignored(self):
@@ -100,15 +111,24 @@ class RowLayoutTest(parameterized.TestCase):
     np.testing.assert_array_equal(mask, host.to_dense_mask(5, 8))
     np.testing.assert_allclose(density, host.density(), rtol=1e-6)
     leaves, treedef = jax.tree.flatten(host)
-    self.assertLen(leaves, 2)  # row_mask None is no leaf
+    self.assertLen(leaves, 2)  # row ranges None are no leaves
     self.assertEqual(jax.tree.unflatten(treedef, leaves).group_size, 1)
 
   def test_validate_rejects_out_of_range_indices(self):
-    idx = np.array([[[[0, 4]]]], np.int32)
-    lay = RowLayout.from_indices(idx, num_keys=4)
-    with self.assertRaisesRegex(ValueError, r"in \[0, num_keys=4\), found "
-                                r"\[4\]"):
-      lay.validate()
+    for bad in (5, -1):
+      lay = RowLayout.from_indices(np.array([[[[0, bad]]]], np.int32),
+                                   num_keys=4)
+      with self.assertRaisesRegex(ValueError, r"in \[0, num_keys=4\) \(or "
+                                  rf"equal num_keys, padding\), found \[{bad}\]"):
+        lay.validate()
+
+  def test_index_s_is_padding(self):
+    # S marks padding (as traced selections write it); repeats of it are fine.
+    lay = RowLayout.from_indices(np.array([[[[1, 4, 4]]]], np.int32),
+                                 num_keys=4)
+    lay.validate()
+    np.testing.assert_array_equal(lay.to_dense_mask(1, 4)[0, 0],
+                                  [[0, 1, 0, 0]])
 
   def test_bad_arguments(self):
     idx = np.zeros((1, 1, 2, 3), np.int32)
@@ -120,15 +140,18 @@ class RowLayoutTest(parameterized.TestCase):
         (dict(kv_cnt=np.zeros((1, 1, 2), bool)), "kv_cnt must be an integer"),
         (dict(group_size=0), "group_size must be >= 1"),
         (dict(num_keys=0), "num_keys must be >= 1"),
-        (dict(group_size=2, row_mask=np.ones((1, 1, 2, 3, 3), bool)),
-         r"row_mask must be bool \[Bl, Hl, Qg, group_size, Kmax\]="
-         r"\[1, 1, 2, 2, 3\]"),
-        (dict(row_mask=np.ones((1, 1, 2, 1, 3), np.int32)),
-         "row_mask must be bool"),
+        (dict(row_start=np.zeros((1, 1, 2, 2), np.int32),
+              row_end=np.ones((1, 1, 2, 2), np.int32)),
+         r"row_start must be int32 \[Bl, Hl, Qg, Kmax\]=\[1, 1, 2, 3\]"),
+        (dict(row_start=np.zeros((1, 1, 2, 3), np.int32),
+              row_end=np.ones((1, 1, 2, 3), bool)),
+         "row_end must be an integer"),
+        (dict(row_start=np.zeros((1, 1, 2, 3), np.int32)),
+         "row_start and row_end must be given together, got only "
+         "row_start"),
     ]
     for overrides, pattern in cases:
-      kwargs = dict(kv_idx=idx, kv_cnt=None, num_keys=4, group_size=1,
-                    row_mask=None)
+      kwargs = dict(kv_idx=idx, kv_cnt=None, num_keys=4, group_size=1)
       kwargs.update(overrides)
       with self.subTest(pattern), self.assertRaisesRegex(ValueError,
                                                          pattern):

@@ -36,17 +36,17 @@ def random_bias(seed, bb, hb, s):
 
 
 def random_row_layout(seed, bl, hl, t, s, kmax, group_size=1,
-                      row_mask=False, empty_groups=0):
+                      row_ranges=False, empty_groups=0):
   """Host layout with distinct random keys; the first groups may be empty."""
   qg = -(-t // group_size)
   idx, cnt = row_layout_test.random_lists(seed, bl, hl, qg, kmax, s)
   cnt[:, :, :empty_groups] = 0
-  mask = None
-  if row_mask:
-    rng = np.random.default_rng(seed + 1)
-    mask = rng.random((bl, hl, qg, group_size, kmax)) < 0.7
+  ranges = {}
+  if row_ranges:
+    ranges = row_layout_test.random_row_ranges(seed + 1, idx.shape,
+                                               group_size)
   return RowLayout.from_indices(idx, cnt, num_keys=s, group_size=group_size,
-                                row_mask=mask)
+                                **ranges)
 
 
 class RowSparseAttentionTest(parameterized.TestCase):
@@ -67,7 +67,7 @@ class RowSparseAttentionTest(parameterized.TestCase):
   assert_bf16_error_bounded = (
       test_base.BlockSparseAttentionTestBase.assert_bf16_error_bounded)
 
-  # Every layout head count, group sizes with row masks, and every bias
+  # Every layout head count, group sizes with row ranges, and every bias
   # shape: [B|1, Hq|Hkv|1, S] (Hkv with per-q-head lists is repeated).
   @parameterized.parameters(
       ("shared", 1, jnp.float32, (1, 1)), ("kv", 4, jnp.float32, (2, 2)),
@@ -77,7 +77,7 @@ class RowSparseAttentionTest(parameterized.TestCase):
     b, t, s, hq, hkv, d = 2, 37, 29, 4, 2, 8
     q, k, v = random_qkv(0, b, t, s, hq, hkv, d, dtype)
     layout = random_row_layout(1, b, test_base.layout_heads(heads, hq, hkv),
-                               t, s, 7, group_size, row_mask=group_size > 1,
+                               t, s, 7, group_size, row_ranges=group_size > 1,
                                empty_groups=1)
     bias = random_bias(2, *bias_shape, s)
     self.assert_matches_reference(q, k, v, layout, bias_k=bias.astype(dtype))
@@ -103,7 +103,7 @@ class RowSparseAttentionTest(parameterized.TestCase):
     # A tiny chunk budget splits the groups over many scan steps.
     q, k, v = random_qkv(10, 2, 37, 33, 4, 1, 8)
     layout = random_row_layout(11, 2, 1, 37, 33, 6, group_size=2,
-                               row_mask=True)
+                               row_ranges=True)
     bias = random_bias(12, 2, 1, 33)
     geo = row_sparse._geometry(q, k, layout, None)
     self.assertEqual(geo.num_chunks, 1)
@@ -168,7 +168,7 @@ class RowSparseAttentionTest(parameterized.TestCase):
   def test_second_order(self):
     q, k, v = random_qkv(18, 1, 12, 10, 2, 1, 4)
     layout = random_row_layout(19, 1, 1, 12, 10, 4, group_size=3,
-                               row_mask=True)
+                               row_ranges=True)
     bias = random_bias(20, 1, 1, 10)
 
     @functools.partial(jax.jit, static_argnums=0)
@@ -241,9 +241,9 @@ class RowSparseAttentionTest(parameterized.TestCase):
          "batch dim must be 1 or B=2, got 3"),
         (random_row_layout(26, 1, 3, 10, 12, 3), {},
          "head dim must be 1, Hkv=2 or Hq=4, got 3"),
-        (RowLayout.from_indices(np.full((1, 1, 10, 1), 12, np.int32),
+        (RowLayout.from_indices(np.full((1, 1, 10, 1), 13, np.int32),
                                 num_keys=12), {},
-         r"num_keys=12\), found \[12, "),
+         r"num_keys=12\) \(or equal num_keys, padding\), found \[13, "),
         (good, dict(implementation="cuda"), "implementation must be one of"),
         (good, dict(bias_k=jnp.zeros((1, 3, 12))), r"bias_k must be \[B\|1"),
         (good, dict(bias_k=jnp.zeros((1, 1, 13))), r"bias_k must be \[B\|1"),

@@ -16,13 +16,15 @@ def _scores(shape, seed, ties):
   return jnp.round(x * 2) / 2 if ties else x
 
 
-def _rows_to_dense(kv_idx, kv_cnt, row_mask, s):
+def _rows_to_dense(kv_idx, kv_cnt, row_start, row_end, r, s):
   """int [..., Qg * R, S]: how often each row lists each key."""
-  kv_idx, kv_cnt, row_mask = map(np.asarray, (kv_idx, kv_cnt, row_mask))
+  kv_idx, kv_cnt, row_start, row_end = map(
+      np.asarray, (kv_idx, kv_cnt, row_start, row_end))
   *lead, qg, m = kv_idx.shape
-  r = row_mask.shape[-2]
   listed = ((np.arange(m) < kv_cnt[..., None]) & (kv_idx < s))[..., None, :]
-  listed = listed & row_mask
+  rows = np.arange(r)[:, None]
+  listed = listed & ((rows >= row_start[..., None, :])
+                     & (rows < row_end[..., None, :]))
   cols = np.broadcast_to(np.where(listed, kv_idx[..., None, :], s),
                          listed.shape).reshape(*lead, qg * r, m)
   dense = np.zeros((*lead, qg * r, s + 1), int)
@@ -109,10 +111,11 @@ class SelectionTest(parameterized.TestCase):
   def test_prefix_topk_rows_is_the_prefix_topk(self, s, k, group, ties):
     # Ragged S, ties (lower index wins), group > k, k >= S, group = 1.
     scores = _scores((2, 3, s), s + k, ties)
-    kv_idx, kv_cnt, row_mask = jax.jit(
+    kv_idx, kv_cnt, row_start, row_end = jax.jit(
         selection.prefix_topk_rows, static_argnums=(1, 2))(scores, k, group)
     self.assertEqual(kv_idx.shape[-1], group + min(k, s))
-    dense = _rows_to_dense(kv_idx, kv_cnt, row_mask, s)[..., :s, :]
+    dense = _rows_to_dense(kv_idx, kv_cnt, row_start, row_end, group,
+                           s)[..., :s, :]
     self.assertLessEqual(dense.max(), 1)  # every listed key once
     np.testing.assert_array_equal(dense == 1, jax.jit(
         selection.prefix_topk_mask, static_argnums=1)(scores, k))

@@ -1,11 +1,16 @@
 """The "xla" gather backend against the dense reference."""
 
+from unittest import mock
+
 from absl.testing import absltest
+from absl.testing import parameterized
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import BlockLayout
 from pallas_kernels.block_sparse_attention import api
+from pallas_kernels.block_sparse_attention import xla
 from tests.pallas_kernels.block_sparse_attention import test_base
 
 
@@ -25,6 +30,50 @@ class XlaBlockSparseAttentionTest(test_base.BlockSparseAttentionTestBase):
 
     small, large = temp_bytes(1024), temp_bytes(4096)
     self.assertLess(large / small, 4 * 1.5)
+
+  def test_memory_of_a_fixed_density_is_chunked(self):
+    # A layout of constant density lists T/8 kv blocks per query block, so
+    # its one-shot gather grows 4x per doubling of T; chunks of query blocks
+    # keep one chunk's work bounded and the growth near 2x.
+    def temp_bytes(t):
+      q, k, v = test_base.random_qkv(0, 1, t, t, 1, 1, 16)
+      layout = test_base.random_layout(1, 1, 1, t, t, 64, 64, density=0.125)
+      fn = lambda q, k, v: api.block_sparse_attention(
+          q, k, v, layout, implementation="xla")
+      with mock.patch.object(xla, "_CHUNK_ELEMENTS", 1 << 16):
+        compiled = jax.jit(fn).lower(q, k, v).compile()
+      return compiled.memory_analysis().temp_size_in_bytes
+
+    self.assertLess(temp_bytes(4096) / temp_bytes(2048), 2.6)
+
+  @parameterized.named_parameters(
+      ("gqa_causal_bias_empty_rows", "mixed"), ("segments", "segments"),
+      ("tiles_per_q_head_bf16", "tiles"))
+  def test_many_query_block_chunks(self, case):
+    # One query block per chunk (and a padded last chunk) changes nothing.
+    kwargs = {}
+    if case == "mixed":
+      b, t, s, hq, hkv = 2, 80, 72, 4, 2
+      layout = test_base.random_layout(34, 1, hkv, t, s, 16, 32,
+                                       empty_rows=True)
+      kwargs = dict(causal=True, bias_k=jax.random.normal(
+          jax.random.key(33), (b, 1, s)))
+    elif case == "segments":
+      b, t, s, hq, hkv = 2, 160, 160, 2, 2
+      seg = np.sort(np.random.default_rng(0).integers(0, 4, (b, t)),
+                    axis=-1).astype(np.int32)
+      layout = test_base.random_layout(7, 1, 1, t, s, 32, 32, density=0.8,
+                                       full_fraction=0.0)
+      kwargs = dict(q_segment_ids=seg, kv_segment_ids=seg, causal=True)
+    else:
+      b, t, s, hq, hkv = 1, 100, 120, 4, 2
+      mask = np.random.default_rng(3).random((1, hq, t, s)) < 0.3
+      mask[:, :, :, :40] = True
+      layout = BlockLayout.from_element_mask(mask, 32, 32)
+    dtype = jnp.bfloat16 if case == "tiles" else jnp.float32
+    q, k, v = test_base.random_qkv(32, b, t, s, hq, hkv, 16, dtype)
+    with mock.patch.object(xla, "_CHUNK_ELEMENTS", 1):
+      self.assert_matches_reference(q, k, v, layout, **kwargs)
 
 
 if __name__ == "__main__":
