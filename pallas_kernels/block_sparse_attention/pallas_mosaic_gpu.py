@@ -34,6 +34,7 @@ import jax.numpy as jnp
 
 from pallas_kernels import _common
 from pallas_kernels import layout as layout_lib
+from pallas_kernels.block_sparse_attention import schedule as schedule_lib
 from pallas_kernels.block_sparse_attention import tile_math
 
 NAME = "mosaic_gpu"
@@ -113,32 +114,12 @@ def schedule(layout: layout_lib.BlockLayout, spec: tile_math.MaskSpec,
     codes: int32 [Bl, Hl, Qb, W]: kv block id * 2 + (1 if PARTIAL).
     counts: int32 [Bl, Hl, Qb, 2]: (masked, total) kept entries per row.
   """
-  idx = jnp.asarray(layout.kv_idx, jnp.int32)
-  kind = jnp.asarray(layout.kv_kind, jnp.int32)
-  width = idx.shape[-1]
-  keep = jnp.arange(width)[None, None, None, :] < jnp.asarray(
-      layout.kv_cnt)[..., None]
-  causal_all = True
-  if spec.causal:
-    row = jnp.arange(idx.shape[-2], dtype=jnp.int32)[:, None]
-    keep &= ~tile_math.causal_hidden_blocks(
-        idx, causal_offset, rows_are_q=True, block_q=layout.block_q,
-        block_kv=layout.block_kv)
-    _, causal_all = tile_math.causal_tile_test(
-        row * layout.block_q, row * layout.block_q + layout.block_q - 1,
-        idx * layout.block_kv, idx * layout.block_kv + layout.block_kv - 1,
-        causal_offset)
-  is_partial = kind == layout_lib.PARTIAL
-  masked = keep & tile_math.needs_mask(
-      spec, is_partial=is_partial,
-      is_last_kv_block=idx == layout.num_kv_blocks - 1,
-      causal_all=causal_all)
-  # Stable order: masked kept entries, unmasked kept entries, dropped ones.
-  order = jnp.argsort(jnp.where(keep, jnp.where(masked, 0, 1), 2), axis=-1,
-                      stable=True)
-  codes = jnp.take_along_axis(idx * 2 + is_partial, order, axis=-1)
-  counts = jnp.stack([jnp.sum(masked, -1), jnp.sum(keep, -1)], axis=-1)
-  return codes, counts.astype(jnp.int32)
+  order, counts = schedule_lib.masked_first(
+      layout.kv_idx, layout.kv_cnt, layout.kv_kind, spec, causal_offset,
+      rows_are_q=True, block_q=layout.block_q, block_kv=layout.block_kv,
+      num_kv_blocks=layout.num_kv_blocks)
+  idx, kind = schedule_lib.reorder(order, layout.kv_idx, layout.kv_kind)
+  return idx * 2 + (kind == layout_lib.PARTIAL), counts
 
 
 def _head_index(h, n: int, num_q_heads: int, group: int):
