@@ -107,7 +107,9 @@ class TritonConfig:
                  dq_block_q=32, dq_block_kv=32, dkv_block_kv=32,
                  dkv_block_q=32, bwd_num_warps=8, bwd_num_stages=1)
     if head_dim > 64:
-      return cls(block_kv=32 if wide else 64, num_warps=8,
+      # bf16/f16: 128 x 128 forward tiles, so a 128-wide layout block is one
+      # loop step (unverified on a GPU; eval/autotune_triton.py tries it).
+      return cls(block_kv=32 if wide else 128, num_warps=8,
                  dq_block_kv=32 if wide else 64, bwd_num_warps=8,
                  bwd_num_stages=1 if wide else 2)
     return cls(num_stages=2 if wide else 3)
