@@ -4,6 +4,7 @@ import functools
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import chex
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -13,32 +14,68 @@ import numpy as np
 from jsparse import attention
 from jsparse.methods import base
 from pallas_kernels import layout as layout_lib
+from tests import tolerances
 from tests.jsparse import inputs
 
+ATOL = tolerances.atol(jnp.float32)
 
-class SparseAttentionTest(parameterized.TestCase):
+
+def _rope_pair(kv_heads, rope):
+  """(nnx MHA, SparseAttention) with the same parameters, RoPE optional."""
+  kw = dict(num_heads=4, in_features=16, qkv_features=32,
+            num_kv_heads=kv_heads, rngs=nnx.Rngs(0))
+  extra = {}
+  if rope:
+    extra["attention_fn"] = functools.partial(
+        nnx.dot_product_attention_with_rope, rope=nnx.RoPE(theta=100.0))
+  mha = nnx.MultiHeadAttention(**kw, decode=False, **extra)
+  sparse = attention.SparseAttention(**kw,
+                                     rope_theta=100.0 if rope else None)
+  nnx.update(sparse, nnx.state(mha, nnx.Param))
+  return mha, sparse
+
+
+def _values_and_param_grads(module, x, cot, transform):
+  """transform(value_and_grad) of <module(x, is_causal=True), cot>."""
+  graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+
+  def loss(params, x):
+    y = nnx.merge(graphdef, params, rest)(x, is_causal=True)
+    return jnp.vdot(y, cot), y
+
+  (_, y), grads = transform(jax.value_and_grad(loss, has_aux=True))(params,
+                                                                    x)
+  return y, grads
+
+
+class SparseAttentionTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_values_and_grads_match_nnx(self):
+    mha, sparse = _rope_pair(kv_heads=2, rope=True)
+    x = inputs.normal(6, (2, 20, 16))
+    cot = inputs.normal(7, x.shape)
+    got, grads = _values_and_param_grads(sparse, x, cot, self.variant)
+    want, want_grads = _values_and_param_grads(mha, x, cot, jax.jit)
+    chex.assert_shape(got, x.shape)
+    chex.assert_type(got, x.dtype)
+    chex.assert_tree_all_finite((got, grads))
+    chex.assert_trees_all_close(got, want, atol=ATOL)
+    chex.assert_trees_all_close(grads, want_grads,
+                                atol=tolerances.grad_atol(x.dtype))
 
   @parameterized.parameters((None, False), (2, True))
   def test_matches_nnx_and_decode(self, kv_heads, rope):
-    kw = dict(num_heads=4, in_features=16, qkv_features=32,
-              num_kv_heads=kv_heads, rngs=nnx.Rngs(0))
-    extra = {}
-    if rope:
-      extra["attention_fn"] = functools.partial(
-          nnx.dot_product_attention_with_rope, rope=nnx.RoPE(theta=100.0))
-    mha = nnx.MultiHeadAttention(**kw, decode=False, **extra)
-    sparse = attention.SparseAttention(
-        **kw, rope_theta=100.0 if rope else None)
-    nnx.update(sparse, nnx.state(mha, nnx.Param))
+    mha, sparse = _rope_pair(kv_heads, rope)
     x = inputs.normal(1, (2, 20, 16))
     want = mha(x, is_causal=True)
     got = nnx.jit(lambda m, x: m(x, is_causal=True))(sparse, x)
-    np.testing.assert_allclose(got, want, atol=2e-5)
+    chex.assert_trees_all_close(got, want, atol=ATOL)
     sparse.init_cache((2, 20, 16))
     step = nnx.jit(lambda m, x: m(x, decode=True))
     outs = jnp.concatenate([step(sparse, x[:, i:i + 1]) for i in range(20)],
                            1)
-    np.testing.assert_allclose(outs, want, atol=2e-5)
+    chex.assert_trees_all_close(outs, want, atol=ATOL)
 
 
 class _NeedsLayer(base.SparseMethod):
@@ -75,8 +112,8 @@ class NnxKeywordTest(absltest.TestCase):
     x = inputs.normal(0, (2, 24, 16))
     valid, mask = _padding([24, 15], 24)
     run = nnx.jit(lambda m, x, mask: m(x, mask=mask, is_causal=True))
-    np.testing.assert_allclose(run(sparse, x, mask)[valid],
-                               run(mha, x, mask)[valid], atol=1e-5)
+    chex.assert_trees_all_close(run(sparse, x, mask)[valid],
+                                run(mha, x, mask)[valid], atol=ATOL)
 
   def test_mask_restricts_a_method_with_context(self):
     mha, _ = _pair()
@@ -88,7 +125,7 @@ class NnxKeywordTest(absltest.TestCase):
     got = nnx.jit(lambda m, x: m(x, mask=mask, is_causal=True,
                                  method_context={"layer": 3}))(sparse, x)
     want = mha(x, mask=mask, is_causal=True)
-    np.testing.assert_allclose(got[valid], want[valid], atol=1e-5)
+    chex.assert_trees_all_close(got[valid], want[valid], atol=ATOL)
     with self.assertRaisesRegex(TypeError, "layer"):
       sparse(x)
 
@@ -116,11 +153,11 @@ class NnxKeywordTest(absltest.TestCase):
     self.assertEqual(jax.tree.structure(got), jax.tree.structure(want))
     for g, w in zip(jax.tree.leaves(got, is_leaf=_is_var),
                     jax.tree.leaves(want, is_leaf=_is_var)):
-      np.testing.assert_array_equal(g[...], w[...])
+      chex.assert_trees_all_equal(g[...], w[...])
       self.assertEqual(g.get_metadata(), w.get_metadata())
     x = inputs.normal(2, (1, 8, 16))
     run = nnx.jit(lambda m, x: m(x))
-    np.testing.assert_allclose(run(sparse, x), run(mha, x), atol=1e-5)
+    chex.assert_trees_all_close(run(sparse, x), run(mha, x), atol=ATOL)
 
   def test_unknown_and_unsupported_keywords_raise(self):
     _, sparse = _pair()
@@ -150,7 +187,7 @@ class NnxKeywordTest(absltest.TestCase):
     got = run(sparse, x, pos)
     for b in range(2):
       same = run(sparse, x, jnp.broadcast_to(pos[b], pos.shape))
-      np.testing.assert_allclose(got[b], same[b], atol=1e-6)
+      chex.assert_trees_all_close(got[b], same[b], atol=ATOL)
     self.assertGreater(np.abs(got[1] - run(sparse, x, pos[::-1])[1]).max(),
                        1e-3)
     with self.assertRaisesRegex(ValueError, "input_positions"):
@@ -172,7 +209,7 @@ class DecodeCacheTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "decode past the cache"):
       sparse(x[:, :1], decode=True)
     self.assertEqual(int(sparse.cache_index[...]), 3)
-    np.testing.assert_array_equal(sparse.cached_key[...], keys)
+    chex.assert_trees_all_equal(sparse.cached_key[...], keys)
 
   def test_batch_mismatch_raises_before_writing(self):
     _, sparse = _pair()
@@ -180,7 +217,8 @@ class DecodeCacheTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "does not match the cache"):
       sparse(jnp.ones((3, 1, 16)), decode=True)
     self.assertEqual(int(sparse.cache_index[...]), 0)
-    np.testing.assert_array_equal(sparse.cached_key[...], 0.0)
+    cached = sparse.cached_key[...]
+    chex.assert_trees_all_equal(cached, jnp.zeros_like(cached))
 
   def test_decode_honours_a_key_mask(self):
     mha, sparse = _pair()
@@ -191,8 +229,8 @@ class DecodeCacheTest(absltest.TestCase):
     for m in (mha, sparse):
       m.init_cache(x.shape)
     for i in range(6):
-      np.testing.assert_allclose(step(sparse, x[:, i:i + 1]),
-                                 step(mha, x[:, i:i + 1]), atol=1e-5)
+      chex.assert_trees_all_close(step(sparse, x[:, i:i + 1]),
+                                  step(mha, x[:, i:i + 1]), atol=ATOL)
 
 
 def _is_var(x):
