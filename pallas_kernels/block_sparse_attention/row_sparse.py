@@ -38,8 +38,10 @@ from pallas_kernels.block_sparse_attention import reference
 from pallas_kernels.block_sparse_attention import tile_math
 
 # Target size of one chunk's q-side work, B * L * C * R * M * D elements: it
-# bounds the gathered keys and the logits one chunk holds, whatever T.
-_CHUNK_ELEMENTS = 1 << 23
+# bounds the gathered keys and the logits one chunk holds, whatever T. Small
+# enough to stay in cache: SEA's attention at T=8192 on CPU takes 0.14x of
+# dense attention's time at 2^19, 0.20x at 2^23.
+_CHUNK_ELEMENTS = 1 << 19
 
 
 @dataclasses.dataclass(frozen=True)
