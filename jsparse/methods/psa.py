@@ -409,7 +409,9 @@ class PSAMethod(base.SparseMethod):
     caps = self.level_capacities(num_q_blocks, num_kv_blocks)
     keys = sum(c * cfg.block_kv // p for c, p in zip(caps, cfg.levels))
     single = self.capacity(num_q_blocks, num_kv_blocks) * cfg.layout_block
-    return keys <= single
+    # No level lists a block (short sequences): the single call gives the
+    # empty rows.
+    return 0 < keys <= single
 
   def _levels(self, q, k, key):
     """(scores, levels) of the estimator and the level rule (the plans make

@@ -127,6 +127,14 @@ class PSATest(mtb.MethodTestBase):
     with self.assertRaisesRegex(ValueError, "self-attention"):
       method.plan(q, k[:, :64], v[:, :64])
 
+  def test_no_block_kept_gives_empty_rows(self):
+    # topk keeps floor(Kb * fraction) blocks: none of a 2 x 2 grid. The call
+    # takes the single-layout path and returns the empty rows' zeros.
+    method = psa.PSAMethod(psa.PSAConfig(mode="topk"))
+    self.assertEqual(sum(method.level_capacities(2, 2)), 0)
+    q, k, v = mtb.random_qkv(0, 1, 256, 256, 2, 2, 32)
+    np.testing.assert_array_equal(method(q, k, v, implementation="xla"), 0.0)
+
   def test_level_one_everywhere_is_dense(self):
     q, k, v, _ = self.inputs(None)
     levels = np.ones((1, 1, 4, 4), int)
