@@ -6,6 +6,7 @@ import functools
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import chex
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -106,10 +107,22 @@ def _grads(fn, method, q, k, v, *, jit=True):
   return {**flat, "q": gq, "k": gk, "v": gv}
 
 
-class DMATest(parameterized.TestCase):
+class DMATest(chex.TestCase):
 
   def test_registered(self):
     self.assertIs(jsparse.METHODS["dma"], dma.DMAMethod)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_call_matches_reference_with_and_without_jit(self):
+    q, k, v = _inputs(t=90)
+    method = _method(dma.PER_ROW)
+    beta = method.key_bias(v)
+    want = _reference(q, k, v, jnp.asarray(_naive_mask(beta, dma.PER_ROW, W)),
+                      beta)
+    got = self.variant(lambda q, k, v: _op(method, q, k, v))(q, k, v)
+    chex.assert_shape(got, q.shape)
+    chex.assert_trees_all_close(got, want, atol=5 * tolerances.atol(q.dtype),
+                                rtol=5 * tolerances.atol(q.dtype))
 
   # T = 90: a ragged last query group (block 16).
   @parameterized.parameters((dma.PER_ROW, False, T),
