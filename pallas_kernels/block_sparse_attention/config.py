@@ -117,6 +117,9 @@ class TritonConfig:
 
 # -- Mosaic (TPU) --------------------------------------------------------------
 
+# VMEM per TensorCore of TPU v4 and v4i, the smallest from v4 on.
+MIN_TPU_VMEM_BYTES = 16 * 1024 * 1024
+
 
 @dataclasses.dataclass(frozen=True)
 class MosaicTpuConfig:
@@ -141,13 +144,14 @@ class MosaicTpuConfig:
       lists. TPU v4 and later have 1 MiB of SMEM per core; a quarter is left
       to Mosaic's own scalars and semaphores. Larger layouts are split over
       batch / kv-head slices.
-    vmem_limit_bytes: scoped VMEM limit for Mosaic (48 MiB fits every TPU
-      from v4 on, including v7x's 64 MiB); None keeps the compiler default.
+    vmem_limit_bytes: scoped VMEM limit for Mosaic; must not exceed the
+      chip's VMEM per TensorCore. None: `vmem_limit` derives it from the
+      chip generation.
   """
 
   block_kv_compute: int | None = None
   smem_budget_bytes: int = 768 * 1024
-  vmem_limit_bytes: int | None = 48 * 1024 * 1024
+  vmem_limit_bytes: int | None = None
 
   def __post_init__(self):
     if self.block_kv_compute is not None and self.block_kv_compute < 1:
@@ -156,10 +160,38 @@ class MosaicTpuConfig:
           f"{self.block_kv_compute}")
     if self.smem_budget_bytes < 1:
       raise ValueError("MosaicTpuConfig.smem_budget_bytes must be >= 1")
+    if self.vmem_limit_bytes is not None and self.vmem_limit_bytes < 1:
+      raise ValueError("MosaicTpuConfig.vmem_limit_bytes must be >= 1")
 
   @classmethod
   def get_default(cls) -> MosaicTpuConfig:
     return cls()
+
+  def vmem_limit(self, vmem_capacity_bytes: int | None) -> int:
+    """Scoped VMEM limit for a chip with that much VMEM per TensorCore.
+
+    Without `vmem_limit_bytes`, three quarters of the chip's VMEM (a
+    quarter is headroom for Mosaic's internal scratch): 12 MiB on v4, 48 MiB
+    on v5p and v7x, 96 MiB on v5e and v6e.
+
+    Args:
+      vmem_capacity_bytes: `pltpu.get_tpu_info().vmem_capacity_bytes` of
+        the target chip; None when it is unknown (interpret mode, or export
+        from a non-TPU host without an abstract TPU mesh), which assumes the
+        smallest VMEM of the supported chips (v4 and v4i: 16 MiB).
+
+    Raises:
+      ValueError: if `vmem_limit_bytes` exceeds the chip's VMEM.
+    """
+    capacity = (MIN_TPU_VMEM_BYTES if vmem_capacity_bytes is None
+                else vmem_capacity_bytes)
+    if self.vmem_limit_bytes is None:
+      return capacity // 4 * 3
+    if self.vmem_limit_bytes > capacity:
+      raise ValueError(
+          f"MosaicTpuConfig.vmem_limit_bytes={self.vmem_limit_bytes} exceeds "
+          f"the target TPU's VMEM of {capacity} bytes per TensorCore")
+    return self.vmem_limit_bytes
 
   def kv_compute_tile(self, block_kv: int, head_dim: int) -> int:
     """The compute sub-tile for a layout block_kv and head dim."""

@@ -1,18 +1,20 @@
 """Mosaic TPU kernels of block-sparse attention (forward, dQ, dK/dV).
 
 The layout's lists drive the pipelines through scalar prefetch: the grid is
-(batch, heads, rows, list slots) and each BlockSpec index_map reads the block
+(batch x heads, rows, list slots) and each BlockSpec index_map reads the block
 id of the current slot from SMEM, so the pipeline DMAs exactly the listed
 blocks. Skipped slots (past a row's count, or hidden by the causal diagonal)
 repeat the id of the row's previous live slot, so the pipeline sees an
 unchanged block index and issues no copy, and the kernel body skips them.
 
-- forward and dQ: grid (B, Hq, Qb, Kmax) over `layout.kv_idx`; the output
+- forward and dQ: grid (B * Hq, Qb, Kmax) over `layout.kv_idx`; the output
   block stays resident over the last ("arbitrary") axis while a flash
   (online-softmax) state accumulates in VMEM scratch.
-- dK/dV(/d bias_k): grid (B, Hkv, Kb, G * Qmax) over the transposed lists;
+- dK/dV(/d bias_k): grid (B * Hkv, Kb, G * Qmax) over the transposed lists;
   the last axis walks the q heads of the GQA group one after the other, so
-  dK/dV of a kv head sum their contributions in VMEM: no atomics.
+  dK/dV of a kv head sum their contributions in VMEM: no atomics. Its tiles
+  are [keys, queries] (k.q^T), so dV += P^T dO and dK += dS^T Q need no
+  transpose of P or dS in VMEM.
 
 GQA reads the kv head h // G in the index maps (no K/V repeat). Slots wholly
 above the causal diagonal are skipped in the step lists (no DMA, no work).
@@ -20,8 +22,11 @@ Full blocks the diagonal leaves whole do no mask work (unless segment ids are
 given); the others evaluate the op's causal and segment predicates, partial
 blocks also the layout's band and tile; the last kv block masks its padding
 keys when S is ragged.
-Row statistics (running max/sum, log-sum-exp, delta) are kept
-lane-replicated [rows, 128] as in splash attention.
+The running max and sum are lane-replicated [rows, 128] VMEM scratch, as in
+splash attention. The log-sum-exp and the backward's delta cross the kernel
+boundary compact (never [B, H, Tp, 128]): as [B, H, Tp, 1] columns for the
+forward and dQ kernels, as [B, H, Qb, 1, block_q] rows for dK/dV, both
+views of one [B, H, Tp] array; the kernels broadcast them over the keys.
 
 On a non-TPU backend the kernels run in Pallas interpret mode; exporting for
 TPU from any host lowers the Mosaic kernels (`lax.platform_dependent`).
@@ -220,12 +225,17 @@ def _lanes(x, n: int):
 
 @dataclasses.dataclass(frozen=True)
 class _Kernel:
-  """Static description shared by the three kernels."""
+  """Static description shared by the three kernels.
+
+  With `kv_rows` (the dK/dV kernel) compute tiles are [keys, queries]: the
+  kernel forms k.q^T, so P^T and dS^T need no transpose in VMEM.
+  """
 
   geo: _Geometry
   spec: tile_math.MaskSpec
   has_bias: bool
   list_width: int
+  kv_rows: bool = False
 
   @property
   def has_segments(self) -> bool:
@@ -255,32 +265,45 @@ def _prefetch_names(kern: _Kernel):
   return ["block", "code"] + (["tile_id"] if kern.has_tiles else [])
 
 
+def _key_slice(kern: _Kernel, ref, keys):
+  """The `keys` of a per-key VMEM block: rows with kv_rows, else columns."""
+  return ref[keys, :] if kern.kv_rows else ref[:, keys]
+
+
+def _by_kv_rows(kern: _Kernel, q_side, kv_side):
+  """(q_side, kv_side), swapped when tiles are [keys, queries]."""
+  return (kv_side, q_side) if kern.kv_rows else (q_side, kv_side)
+
+
 def _logits(kern: _Kernel, r, q, chunk: int, code, q_block, kv_block,
             masked: bool):
-  """Raw products and masked logits of one [block_q, block_kv_compute] tile.
+  """Raw products and masked logits of one compute tile.
 
-  `chunk` selects the compute sub-tile of the resident kv block; q is the
-  [block_q, D] query block.
+  The tile is [block_q, block_kv_compute] (q.k^T), or [block_kv_compute,
+  block_q] (k.q^T) with `kern.kv_rows`. `chunk` selects the compute
+  sub-tile of the resident kv block; q is the [block_q, D] query block.
   """
   geo, spec = kern.geo, kern.spec
   n = geo.block_kv_compute
-  cols = pl.ds(chunk * n, n)
-  dot = lax.dot_general(q, r["k"][cols, :], _NT_DIMS,
+  keys = pl.ds(chunk * n, n)
+  dot = lax.dot_general(*_by_kv_rows(kern, q, r["k"][keys, :]), _NT_DIMS,
                         preferred_element_type=jnp.float32)
-  s = tile_math.logits(dot, spec, r["bias"][:, cols] if kern.has_bias
-                       else None)
+  s = tile_math.logits(dot, spec, _key_slice(kern, r["bias"], keys)
+                       if kern.has_bias else None)
   if not masked:
     return dot, s
-  shape = (geo.block_q, n)
-  q_pos = q_block * geo.block_q + lax.broadcasted_iota(jnp.int32, shape, 0)
+  q_axis, kv_axis = _by_kv_rows(kern, 0, 1)
+  q_pos = (q_block * geo.block_q
+           + lax.broadcasted_iota(jnp.int32, dot.shape, q_axis))
   kv_pos = (kv_block * geo.block_kv + chunk * n
-            + lax.broadcasted_iota(jnp.int32, shape, 1))
+            + lax.broadcasted_iota(jnp.int32, dot.shape, kv_axis))
   q_seg = kv_seg = tile = None
-  if kern.has_segments:
-    q_seg = _lanes(r["q_seg"][...], n)
-    kv_seg = r["kv_seg"][:1, cols]
+  if kern.has_segments and kern.kv_rows:
+    q_seg, kv_seg = r["q_seg"][...], r["kv_seg"][keys, :]
+  elif kern.has_segments:
+    q_seg, kv_seg = _lanes(r["q_seg"][...], n), r["kv_seg"][:1, keys]
   if kern.has_tiles:
-    tile = r["tiles"][:, cols] | (code != _TILED)
+    tile = (_key_slice(kern, r["tiles"], keys) != 0) | (code != _TILED)
   mask = tile_math.element_mask(
       q_pos, kv_pos, spec, full=code == layout_lib.FULL,
       causal_offset=_causal_offset(kern, r), q_seg=q_seg, kv_seg=kv_seg,
@@ -321,7 +344,7 @@ def _fwd_kernel(*refs, kern: _Kernel):
            + ["out", "lse_out", "m", "l", "acc"])
   r = _unpack(refs, names)
   geo = kern.geo
-  b, h, i, j = (pl.program_id(a) for a in range(4))
+  b, h, i, j = _grid_ids(geo.num_q_heads)
   slot = _list_slot(kern, geo.num_q_blocks, b, h, i, j)
   kv_block = r["block"][slot].astype(jnp.int32)
   code = r["code"][slot].astype(jnp.int32)
@@ -353,7 +376,7 @@ def _fwd_kernel(*refs, kern: _Kernel):
     out, lse = tile_math.online_softmax_finish(
         r["m"][:, :1], r["l"][:, :1], r["acc"][...])
     r["out"][...] = out.astype(r["out"].dtype)
-    r["lse_out"][...] = jnp.broadcast_to(lse, r["lse_out"].shape)
+    r["lse_out"][...] = lse
 
 
 def _list_slot(kern: _Kernel, rows: int, b, h, row, j):
@@ -368,9 +391,10 @@ def _bwd_tile(kern: _Kernel, r, q, do, chunk, code, q_block, kv_block,
   n = kern.geo.block_kv_compute
   dot, s = _logits(kern, r, q, chunk, code, q_block, kv_block, masked)
   v = r["v"][pl.ds(chunk * n, n), :]
-  dp = lax.dot_general(do, v, _NT_DIMS, preferred_element_type=jnp.float32)
-  return tile_math.backward_tile(dot, s, r["lse"][:, :1], dp,
-                                 r["delta"][:, :1], kern.spec)
+  dp = lax.dot_general(*_by_kv_rows(kern, do, v), _NT_DIMS,
+                       preferred_element_type=jnp.float32)
+  return tile_math.backward_tile(dot, s, r["lse"][...], dp, r["delta"][...],
+                                 kern.spec)
 
 
 def _dq_kernel(*refs, kern: _Kernel):
@@ -378,7 +402,7 @@ def _dq_kernel(*refs, kern: _Kernel):
            + ["dq", "dq_acc"])
   r = _unpack(refs, names)
   geo = kern.geo
-  b, h, i, j = (pl.program_id(a) for a in range(4))
+  b, h, i, j = _grid_ids(geo.num_q_heads)
   slot = _list_slot(kern, geo.num_q_blocks, b, h, i, j)
   kv_block = r["block"][slot].astype(jnp.int32)
   code = r["code"][slot].astype(jnp.int32)
@@ -409,7 +433,7 @@ def _dkv_kernel(*refs, kern: _Kernel):
            + ["dk_acc", "dv_acc"] + (["dbias_acc"] if kern.has_bias else []))
   r = _unpack(refs, names)
   geo, width = kern.geo, kern.list_width
-  b, hk, kb, a = (pl.program_id(x) for x in range(4))
+  b, hk, kb, a = _grid_ids(geo.num_kv_heads)
   member, j = lax.div(a, width), lax.rem(a, width)
   slot = _list_slot(kern, geo.num_kv_blocks, b, hk * geo.group + member, kb,
                     j)
@@ -434,12 +458,13 @@ def _dkv_kernel(*refs, kern: _Kernel):
       rows = pl.ds(chunk * n, n)
       p, ds, ddot = _bwd_tile(kern, r, q, do, chunk, code, q_block, kb,
                               masked)
-      r["dv_acc"][rows, :] += jnp.dot(p.T.astype(do.dtype), do,
+      # p, ds and ddot are [keys, queries]: dV = P^T dO, dK = dS^T Q.
+      r["dv_acc"][rows, :] += jnp.dot(p.astype(do.dtype), do,
                                       preferred_element_type=jnp.float32)
-      r["dk_acc"][rows, :] += jnp.dot(ddot.T.astype(q.dtype), q,
+      r["dk_acc"][rows, :] += jnp.dot(ddot.astype(q.dtype), q,
                                       preferred_element_type=jnp.float32)
       if kern.has_bias:
-        r["dbias_acc"][:, rows] += jnp.sum(ds, axis=0, keepdims=True)
+        r["dbias_acc"][rows, :] += jnp.sum(ds, axis=1, keepdims=True)
 
   _run_steps(kern, r, code, q_block, kb, step)
 
@@ -457,15 +482,44 @@ def _dkv_kernel(*refs, kern: _Kernel):
 # -- pallas_call wrappers ------------------------------------------------------
 
 
+def _grid_ids(heads: int):
+  """(batch, head, row, slot) of the current step of a fused grid."""
+  bh = pl.program_id(0)
+  return (lax.div(bh, heads), lax.rem(bh, heads), pl.program_id(1),
+          pl.program_id(2))
+
+
+def _fuse_batch_heads(spec, heads: int):
+  """Moves `spec` from the (b, h, row, slot) to the (b * heads + h, ..) grid."""
+  if spec.index_map is None:
+    return spec
+  index_map = spec.index_map
+
+  def fused(bh, i, j, *refs):
+    return index_map(lax.div(bh, heads), lax.rem(bh, heads), i, j, *refs)
+
+  return dataclasses.replace(spec, index_map=fused)
+
+
 def _call(kernel, kern: _Kernel, *, grid, in_specs, out_specs, out_shape,
           scratch_shapes, cfg: config_lib.MosaicTpuConfig, interpret, name):
-  """pallas_call with a TPU grid spec; interpret None picks by platform."""
+  """pallas_call with a TPU grid spec; interpret None picks by platform.
+
+  The specs index a (batch, heads, rows, slots) `grid`; the launch fuses
+  batch and heads into the leading parallel axis, which megacore chips
+  split over their two TensorCores (the batch alone is often 1).
+  """
+  batch, heads, rows, slots = grid
+  fuse = lambda specs: jax.tree.map(
+      lambda spec: _fuse_batch_heads(spec, heads), specs,
+      is_leaf=lambda x: isinstance(x, pl.BlockSpec))
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=len(_prefetch_names(kern)), grid=grid,
-      in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch_shapes)
+      num_scalar_prefetch=len(_prefetch_names(kern)),
+      grid=(batch * heads, rows, slots), in_specs=fuse(in_specs),
+      out_specs=fuse(out_specs), scratch_shapes=scratch_shapes)
   params = pltpu.CompilerParams(
-      dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
-      vmem_limit_bytes=cfg.vmem_limit_bytes)
+      dimension_semantics=("parallel", "parallel", "arbitrary"),
+      vmem_limit_bytes=cfg.vmem_limit(_vmem_capacity()))
 
   def run(interpret_mode, *args):
     return pl.pallas_call(
@@ -481,6 +535,18 @@ def _call(kernel, kern: _Kernel, *, grid, in_specs, out_specs, out_shape,
       default=functools.partial(run, True))
 
 
+def _vmem_capacity() -> int | None:
+  """VMEM bytes per TensorCore of the target TPU; None off TPU.
+
+  The target is the default device, or the abstract device of the current
+  abstract mesh (`jax.sharding.use_abstract_mesh`) when exporting.
+  """
+  try:
+    return pltpu.get_tpu_info().vmem_capacity_bytes
+  except ValueError:
+    return None
+
+
 def _operands(kern: _Kernel, q, k, v, bias, q_seg, kv_seg, tiles,
               causal_offset):
   """Kernel-side operand layouts and their names (see _input_names)."""
@@ -488,15 +554,21 @@ def _operands(kern: _Kernel, q, k, v, bias, q_seg, kv_seg, tiles,
   ops = [q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3),
          v.transpose(0, 2, 1, 3)]
   if kern.has_bias:
-    ops.append(bias.astype(jnp.float32)[:, :, None, :])
-  if kern.has_segments:
+    bias = bias.astype(jnp.float32)
+    ops.append(bias[..., None] if kern.kv_rows else bias[:, :, None, :])
+  if kern.has_segments and kern.kv_rows:
+    # q ids as per-block rows, kv ids as columns of [keys, queries] tiles.
+    ops += [_q_block_rows(q_seg, geo.block_q), kv_seg[..., None]]
+  elif kern.has_segments:
     # q ids lane-replicated, kv ids sublane-replicated (as splash).
     ops.append(jnp.broadcast_to(q_seg[:, :, None],
                                 (*q_seg.shape, NUM_LANES)))
     ops.append(jnp.broadcast_to(kv_seg[:, None, :], (
         geo.batch, NUM_SUBLANES, kv_seg.shape[1])))
   if kern.has_tiles:
-    ops.append(jnp.asarray(tiles, jnp.bool_))
+    # int8: a bool operand would cross the kernel boundary as int32.
+    tiles = jnp.asarray(tiles, jnp.int8)
+    ops.append(tiles.transpose(0, 2, 1) if kern.kv_rows else tiles)
   if kern.spec.causal:
     ops.append(jnp.reshape(causal_offset, (1,)))
   return ops
@@ -527,27 +599,64 @@ def _specs(kern: _Kernel, q_index, kv_index, tile_index, *, backward: bool):
     def bias_map(*ix):
       b, h, _ = q_index(*ix)
       _, _, blk = kv_index(*ix)
-      return (*geo.bias_entry(b, h), 0, blk)
-    specs.append(pl.BlockSpec((None, None, 1, geo.block_kv), bias_map))
+      return (*geo.bias_entry(b, h), *_by_kv_rows(kern, 0, blk))
+    specs.append(pl.BlockSpec(
+        (None, None, *_by_kv_rows(kern, 1, geo.block_kv)), bias_map))
   if kern.has_segments:
-    def q_seg_map(*ix):
-      b, _, blk = q_index(*ix)
-      return b, blk, 0
-
-    def kv_seg_map(*ix):
-      b, _, blk = kv_index(*ix)
-      return b, 0, blk
-    specs.append(pl.BlockSpec((None, geo.block_q, NUM_LANES), q_seg_map))
-    specs.append(pl.BlockSpec((None, NUM_SUBLANES, geo.block_kv), kv_seg_map))
+    specs += _segment_specs(kern, q_index, kv_index)
   if kern.has_tiles:
-    specs.append(pl.BlockSpec((None, geo.block_q, geo.block_kv),
-                              lambda *ix: (tile_index(*ix), 0, 0)))
+    specs.append(pl.BlockSpec(
+        (None, *_by_kv_rows(kern, geo.block_q, geo.block_kv)),
+        lambda *ix: (tile_index(*ix), 0, 0)))
   if kern.spec.causal:
     specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))
   if backward:
-    specs += [row((geo.block_q, d)), row((geo.block_q, NUM_LANES)),
-              row((geo.block_q, NUM_LANES))]
+    specs.append(row((geo.block_q, d)))
+    specs += [_row_stat_spec(kern, q_index)] * 2
   return specs
+
+
+def _q_block_rows(x, block_q: int):
+  """[..., Tp] -> [..., Qb, 1, block_q]: one row per query block."""
+  return x.reshape(*x.shape[:-1], x.shape[-1] // block_q, 1, block_q)
+
+
+def _row_stat(kern: _Kernel, x):
+  """lse or delta [B, H, Tp] in the kernel's view (see `_row_stat_spec`)."""
+  return _q_block_rows(x, kern.geo.block_q) if kern.kv_rows else x[..., None]
+
+
+def _row_stat_spec(kern: _Kernel, q_index):
+  """BlockSpec of lse or delta: a column, or a row with `kern.kv_rows`.
+
+  Columns are [block_q, 1] blocks of [B, H, Tp, 1]; rows are [1, block_q]
+  blocks of [B, H, Qb, 1, block_q] (`_q_block_rows`).
+  """
+  block_q = kern.geo.block_q
+  if kern.kv_rows:
+    return pl.BlockSpec((None, None, None, 1, block_q),
+                        lambda *ix: (*q_index(*ix), 0, 0))
+  return pl.BlockSpec((None, None, block_q, 1),
+                      lambda *ix: (*q_index(*ix), 0))
+
+
+def _segment_specs(kern: _Kernel, q_index, kv_index):
+  """BlockSpecs of the q and kv segment ids (see `_operands`)."""
+  geo = kern.geo
+
+  def q_seg_map(*ix):
+    b, _, blk = q_index(*ix)
+    return (b, blk, 0, 0) if kern.kv_rows else (b, blk, 0)
+
+  def kv_seg_map(*ix):
+    b, _, blk = kv_index(*ix)
+    return (b, blk, 0) if kern.kv_rows else (b, 0, blk)
+
+  if kern.kv_rows:
+    return [pl.BlockSpec((None, None, 1, geo.block_q), q_seg_map),
+            pl.BlockSpec((None, geo.block_kv, 1), kv_seg_map)]
+  return [pl.BlockSpec((None, geo.block_q, NUM_LANES), q_seg_map),
+          pl.BlockSpec((None, NUM_SUBLANES, geo.block_kv), kv_seg_map)]
 
 
 def _row_index(kern: _Kernel, rows: int):
@@ -582,11 +691,11 @@ def _forward_slice(q, k, v, bias, q_seg, kv_seg, lists: _Lists, tiles, spec,
       _fwd_kernel, kern, grid=grid, in_specs=in_specs,
       out_specs=[
           pl.BlockSpec((None, None, geo.block_q, geo.head_dim), out_map),
-          pl.BlockSpec((None, None, geo.block_q, NUM_LANES), out_map)],
+          pl.BlockSpec((None, None, geo.block_q, 1), out_map)],
       out_shape=[
           jax.ShapeDtypeStruct((geo.batch, geo.num_q_heads, tp, geo.head_dim),
                                q.dtype),
-          jax.ShapeDtypeStruct((geo.batch, geo.num_q_heads, tp, NUM_LANES),
+          jax.ShapeDtypeStruct((geo.batch, geo.num_q_heads, tp, 1),
                                jnp.float32)],
       scratch_shapes=[pltpu.VMEM((geo.block_q, NUM_LANES), jnp.float32),
                       pltpu.VMEM((geo.block_q, NUM_LANES), jnp.float32),
@@ -621,14 +730,16 @@ def _backward_slice(q, k, v, bias, q_seg, kv_seg, lists: _Lists,
   # dS = P * (dP - (delta - dlse)).
   delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), -1)
   delta = delta.transpose(0, 2, 1) - dlse.astype(jnp.float32)
-  lanes = lambda x: jnp.broadcast_to(x[..., None], (*x.shape, NUM_LANES))
-  row_ops = [dout.transpose(0, 2, 1, 3), lanes(lse), lanes(delta)]
+  dout_t = dout.transpose(0, 2, 1, 3)
   has_bias = bias is not None
+
+  def operands(kern):
+    return (_operands(kern, q, k, v, bias, q_seg, kv_seg, tiles,
+                      causal_offset)
+            + [dout_t] + [_row_stat(kern, x) for x in (lse, delta)])
 
   # dQ over the forward lists.
   kern = _Kernel(geo, spec, has_bias, lists.width)
-  ops = _operands(kern, q, k, v, bias, q_seg, kv_seg, tiles,
-                  causal_offset) + row_ops
   block, tile = _row_index(kern, geo.num_q_blocks)
   q_index = lambda b, h, i, j, *refs: (b, h, i)
   kv_index = lambda b, h, i, j, *refs: (b, geo.kv_head(h),
@@ -643,11 +754,11 @@ def _backward_slice(q, k, v, bias, q_seg, kv_seg, lists: _Lists,
                                      q.dtype),
       scratch_shapes=[pltpu.VMEM((geo.block_q, d), jnp.float32)],
       cfg=cfg, interpret=interpret, name="block_sparse_attention_dq",
-  )(*lists.arrays(), *ops)
+  )(*lists.arrays(), *operands(kern))
 
   # dK/dV over the transposed lists; the last grid axis walks the q heads of
   # the kv head's group (member = a // Qmax) and their list slots.
-  kern_t = _Kernel(geo, spec, has_bias, lists_t.width)
+  kern_t = _Kernel(geo, spec, has_bias, lists_t.width, kv_rows=True)
   width = lists_t.width
 
   def member_slot(b, hk, kb, a, block_ref, code_ref, *tile_ref):
@@ -673,11 +784,11 @@ def _backward_slice(q, k, v, bias, q_seg, kv_seg, lists: _Lists,
   if has_bias:
     def dbias_map(*ix):
       _, h, _ = q_index_t(*ix)
-      return ix[0], h, 0, ix[2]
-    out_specs.append(pl.BlockSpec((None, None, 1, geo.block_kv), dbias_map))
+      return ix[0], h, ix[2], 0
+    out_specs.append(pl.BlockSpec((None, None, geo.block_kv, 1), dbias_map))
     out_shape.append(jax.ShapeDtypeStruct(
-        (geo.batch, geo.num_q_heads, 1, sp), jnp.float32))
-    scratch.append(pltpu.VMEM((1, geo.block_kv), jnp.float32))
+        (geo.batch, geo.num_q_heads, sp, 1), jnp.float32))
+    scratch.append(pltpu.VMEM((geo.block_kv, 1), jnp.float32))
   grads = _call(
       _dkv_kernel, kern_t,
       grid=(geo.batch, geo.num_kv_heads, geo.num_kv_blocks,
@@ -685,9 +796,9 @@ def _backward_slice(q, k, v, bias, q_seg, kv_seg, lists: _Lists,
       in_specs=_specs(kern_t, q_index_t, kv_index_t, tile_t, backward=True),
       out_specs=out_specs, out_shape=out_shape, scratch_shapes=scratch,
       cfg=cfg, interpret=interpret, name="block_sparse_attention_dkv",
-  )(*lists_t.arrays(), *ops)
+  )(*lists_t.arrays(), *operands(kern_t))
   dk, dv = (g.transpose(0, 2, 1, 3) for g in grads[:2])
-  dbias = grads[2][:, :, 0] if has_bias else None
+  dbias = grads[2][..., 0] if has_bias else None
   return dq.transpose(0, 2, 1, 3), dk, dv, dbias
 
 

@@ -9,6 +9,7 @@ tiles, causal, empty rows and ragged sizes.
 import dataclasses
 import functools
 import math
+import re
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -255,6 +256,135 @@ class SplashAgreementTest(parameterized.TestCase):
     chex.assert_trees_all_close(got, want, atol=5e-5, rtol=1e-5)
 
 
+def _tiled_causal_layout(t, block):
+  """A causal layout whose diagonal blocks read a lower-triangular tile."""
+  layout = BlockLayout.causal(t, block_q=block, block_kv=block)
+  tiles = np.tril(np.ones((block, block), bool))[None]
+  tile_idx = np.where(np.asarray(layout.kv_kind) == 1, 0, -1)
+  return BlockLayout(layout.kv_idx, layout.kv_cnt, layout.kv_kind,
+                     tile_idx.astype(np.int32), tiles, block, block,
+                     layout.num_kv_blocks)
+
+
+def _equations(jaxpr):
+  """The equations of a jaxpr, nested jaxprs (kernel bodies) included."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in jax.tree.leaves(list(eqn.params.values())):
+      value = getattr(value, "jaxpr", value)
+      if hasattr(value, "eqns"):
+        yield from _equations(value)
+
+
+def _pallas_calls(jaxpr):
+  """The pallas_call equations of a jaxpr."""
+  return [e for e in _equations(jaxpr) if e.primitive.name == "pallas_call"]
+
+
+class LaunchTest(absltest.TestCase):
+  """Grids and operands of the kernel launches."""
+
+  def test_tile_pool_crosses_the_kernel_boundary_as_int8(self):
+    t, block = 64, 32
+    layout = _tiled_causal_layout(t, block)
+    self.assertEqual(layout.tiles.dtype, jnp.bool_)
+    q, k, v, _, spec = _padded_problem(1, t, t, 1, 1, 8)
+    spec = dataclasses.replace(spec, has_tiles=True)
+    fwd = functools.partial(pallas_mosaic_tpu.forward, bias_k=None,
+                            q_seg=None, kv_seg=None, layout=layout,
+                            spec=spec, interpret=True)
+    [call] = _pallas_calls(jax.make_jaxpr(fwd)(q, k, v).jaxpr)
+    dtypes = [x.aval.dtype for x in call.invars]
+    self.assertNotIn(jnp.bool_, dtypes)
+    pool = [x.aval for x in call.invars if x.aval.shape == layout.tiles.shape]
+    self.assertEqual([x.dtype for x in pool], [jnp.int8])
+
+  def _forward_backward_calls(self, b, t, hq, hkv, d):
+    """The pallas_call equations of a forward and backward pass."""
+    layout = BlockLayout.causal(t, block_q=32, block_kv=32)
+    q, k, v, _, spec = _padded_problem(b, t, t, hq, hkv, d)
+    args = dict(bias_k=None, q_seg=None, kv_seg=None, layout=layout,
+                spec=spec, interpret=True)
+
+    def forward_backward(q, k, v):
+      out, lse = pallas_mosaic_tpu.forward(q, k, v, **args)
+      return pallas_mosaic_tpu.backward(q, k, v, out=out, lse=lse, dout=out,
+                                        dlse=lse, **args)
+
+    return _pallas_calls(jax.make_jaxpr(forward_backward)(q, k, v).jaxpr)
+
+  def test_row_statistics_cross_the_boundary_compact(self):
+    b, t, h, d = 2, 64, 3, 8
+    calls = self._forward_backward_calls(b, t, h, h, d)
+    sizes = [[x.aval.size for x in eqn.invars + eqn.outvars
+              if x.aval.dtype == jnp.float32] for eqn in calls]
+    # The forward writes lse; dQ and dK/dV read lse and delta.
+    self.assertEqual([s.count(b * h * t) for s in sizes], [1, 2, 2])
+    for s in sizes:
+      self.assertNotIn(b * h * t * 128, s)
+
+  def test_kernels_transpose_nothing_in_vmem(self):
+    # dK/dV forms k.q^T rather than transposing P and dS.
+    for eqn in self._forward_backward_calls(1, 64, 2, 2, 8):
+      kernel = eqn.params["jaxpr"]
+      names = {e.primitive.name for e in _equations(kernel)}
+      self.assertNotIn("transpose", names)
+      self.assertIn("dot_general", names)
+
+  def test_batch_and_heads_share_the_leading_parallel_axis(self):
+    # Megacore chips split the first parallel axis over two TensorCores.
+    calls = self._forward_backward_calls(1, 64, 4, 2, 8)
+    grids = [eqn.params["grid_mapping"].grid for eqn in calls]
+    # forward, dQ over (B * Hq, Qb, Kmax); dK/dV over (B * Hkv, Kb, G * Qmax).
+    self.assertEqual(grids, [(4, 2, 2), (4, 2, 2), (2, 2, 4)])
+    for eqn in calls:
+      self.assertEqual(eqn.params["compiler_params"].dimension_semantics,
+                       ("parallel", "parallel", "arbitrary"))
+
+
+class VmemLimitTest(parameterized.TestCase):
+  """The scoped VMEM limit follows the chip and never exceeds its VMEM."""
+
+  @parameterized.parameters(
+      (pltpu.ChipVersion.TPU_V4, 12), (pltpu.ChipVersion.TPU_V5E, 96),
+      (pltpu.ChipVersion.TPU_V5P, 48), (pltpu.ChipVersion.TPU_V6E, 96),
+      (pltpu.ChipVersion.TPU_7X, 48))
+  def test_limit_of_chip(self, chip, mib):
+    capacity = pltpu.get_tpu_info_for_chip(chip, 1).vmem_capacity_bytes
+    limit = config_lib.MosaicTpuConfig().vmem_limit(capacity)
+    self.assertEqual(limit, mib * 2**20)
+    self.assertLessEqual(limit, capacity)
+
+  def test_unknown_chip_gets_a_limit_that_fits_v4(self):
+    self.assertIsNone(pallas_mosaic_tpu._vmem_capacity())  # a CPU host
+    self.assertEqual(config_lib.MosaicTpuConfig().vmem_limit(None),
+                     12 * 2**20)
+
+  def test_explicit_limit_over_the_chip_raises(self):
+    cfg = config_lib.MosaicTpuConfig(vmem_limit_bytes=48 * 2**20)
+    self.assertEqual(cfg.vmem_limit(64 * 2**20), 48 * 2**20)
+    with self.assertRaisesRegex(ValueError, "vmem_limit_bytes"):
+      cfg.vmem_limit(16 * 2**20)
+
+  @parameterized.parameters(("TPU v4", 12), ("TPU v6 lite", 96))
+  def test_export_for_an_abstract_chip_uses_its_limit(self, kind, mib):
+    t, d, block = 256, 64, 128
+    layout = BlockLayout.causal(t, block_q=block, block_kv=block)
+    spec = _padded_problem(1, t, t, 2, 2, d, causal=True)[-1]
+    x = jax.ShapeDtypeStruct((1, t, 2, d), jnp.bfloat16)
+    fwd = functools.partial(pallas_mosaic_tpu.forward, bias_k=None,
+                            q_seg=None, kv_seg=None, layout=layout, spec=spec)
+    device = jax.sharding.AbstractDevice(device_kind=kind, num_cores=1,
+                                         platform="tpu")
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+    with jax.sharding.use_abstract_mesh(mesh):
+      text = jax.export.export(jax.jit(fwd), platforms=["tpu"])(
+          x, x, x).mlir_module()
+    # The backend config is JSON with quotes escaped as \22.
+    sizes = re.findall(r"scoped_memory_configs.*?size\\22: (\d+)", text)
+    self.assertEqual(sizes, [str(mib * 2**20)])
+
+
 class LoweringTest(parameterized.TestCase):
   """Mosaic lowering for TPU (jax.export from this CPU host)."""
 
@@ -264,12 +394,7 @@ class LoweringTest(parameterized.TestCase):
   )
   def test_exports_for_tpu(self, dtype, head_dim, compute):
     b, t, hq, hkv, block = 1, 2048, 4, 2, 512
-    layout = BlockLayout.causal(t, block_q=block, block_kv=block)
-    tiles = np.tril(np.ones((block, block), bool))[None]
-    tile_idx = np.where(np.asarray(layout.kv_kind) == 1, 0, -1)
-    tiled = BlockLayout(layout.kv_idx, layout.kv_cnt, layout.kv_kind,
-                        tile_idx.astype(np.int32), tiles, block, block,
-                        layout.num_kv_blocks)
+    tiled = _tiled_causal_layout(t, block)
     spec = tile_math.MaskSpec(
         q_len=t, kv_len=t, kv_len_padded=t, band=(None, 0), has_segments=True,
         has_tiles=True, sm_scale=head_dim ** -0.5, softcap=None, causal=True)
@@ -297,6 +422,24 @@ class LoweringTest(parameterized.TestCase):
           x, kv, kv, bias, seg)
       self.assertEqual(exported.mlir_module().count("tpu_custom_call"),
                        kernels)
+
+  def test_exports_small_blocks_for_tpu(self):
+    # 16-row blocks (as LLSA's): the row statistics' blocks are whole rows
+    # and columns of their arrays, which the TPU block-shape rule allows.
+    t, block = 64, 16
+    layout = BlockLayout.causal(t, block_q=block, block_kv=block)
+    spec = _padded_problem(1, t, t, 2, 1, 64, causal=True)[-1]
+    x = jax.ShapeDtypeStruct((1, t, 2, 64), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, t, 1, 64), jnp.bfloat16)
+
+    def forward_backward(q, k, v):
+      args = (q, k, v, None, None, None, layout, spec)
+      out, lse = pallas_mosaic_tpu.forward(*args)
+      return pallas_mosaic_tpu.backward(*args, out, lse, out, lse)
+
+    exported = jax.export.export(jax.jit(forward_backward),
+                                 platforms=["tpu"])(x, kv, kv)
+    self.assertEqual(exported.mlir_module().count("tpu_custom_call"), 3)
 
 
 if __name__ == "__main__":
