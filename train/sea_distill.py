@@ -15,7 +15,7 @@ and hidden distillation. Validation perplexities of all of them, the teacher
 attention mass inside SEA's mask vs an oracle top-k and the window, and a
 PNG of an estimated vs true attention map go to --workdir (results.json,
 attention_map.png). Resumes from the latest checkpoint; SIGTERM saves the
-finished step before exit.
+finished step and exits 143.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from pallas_kernels import layout as layout_lib
 from train.lib import loop as loop_lib
 from train.lib import report
 from train.lib import text_data
+from train.lib import workdir as workdir_lib
 
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -61,6 +62,7 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", os.path.join("workdir", "sea_distill"),
     "Checkpoints, metrics.jsonl, results.json and the map PNG go here.",
     allow_override=True)
+flags.adopt_module_key_flags(workdir_lib)  # --allow_config_change
 
 STUDENTS = ("sea", "window", "linear")
 
@@ -432,13 +434,22 @@ def plot_attention(state, tokens, config, path: str) -> None:
 # ------------------------------------------------------------------ main --
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def train_and_evaluate(config, workdir: str,
+                       allow_config_change: bool = False) -> dict:
   """Runs the four phases (resuming from `workdir`) and evaluates.
 
+  Args:
+    config: the training config.
+    workdir: the run's directory; resumed from if it holds checkpoints.
+    allow_config_change: resume even if the workdir's config.json
+      differs (the change is recorded).
+
   Returns:
-    The evaluation results (empty if stopped early).
+    The evaluation results.
   """
-  workdir = report.prepare_workdir(workdir, config)
+  loop_lib.check_settings(config, "teacher_steps", "distill_steps",
+                          "baseline_steps")
+  workdir = workdir_lib.prepare(workdir, config, allow_config_change)
 
   # ---------------------------------------------------------------- data --
   data_dir = config.data.data_dir or text_data.default_data_dir()
@@ -475,8 +486,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return {**metrics, "train/phase": phase}
 
   step = loop.run(step_fn)
-  if step < total:
-    return {}
 
   # ---------------------------------------------------------- evaluate --
   results = evaluate(state, eval_tokens, config)
@@ -484,7 +493,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
                            for k, v in results["perplexity"].items()})
   plot_attention(state, eval_tokens, config,
                  os.path.join(workdir, "attention_map.png"))
-  report.write_results(workdir, results)
+  loop.summary(results=report.write_results(workdir, results),
+               attention_map=os.path.join(workdir, "attention_map.png"))
   return results
 
 
@@ -493,8 +503,9 @@ def main(argv):
   logging.get_absl_handler().addFilter(report.quiet_orbax)
   logging.info("jax %s, devices %s", jax.__version__, jax.devices())
   logging.info("config:\n%s", _CONFIG.value)
-  print(json.dumps(train_and_evaluate(_CONFIG.value, _WORKDIR.value),
-                   indent=2))
+  results = train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                               workdir_lib.ALLOW_CONFIG_CHANGE.value)
+  print(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

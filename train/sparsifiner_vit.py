@@ -12,7 +12,7 @@ teacher's attention, with dense attention; (2) the predictors are frozen and
 the backbone is fine-tuned under the detached predicted masks with
 CE + KL(teacher || student) + final patch-token MSE. Each phase has its own
 AdamW. Resumes from the latest checkpoint in --workdir; SIGTERM saves the
-finished step before exit. Writes results.json (accuracies, mask recall and
+finished step and exits 143. Writes results.json (accuracies, mask recall and
 density, attention FLOPs) to --workdir.
 """
 
@@ -43,6 +43,7 @@ from jsparse.models import vit
 from train.lib import data as data_lib
 from train.lib import loop as loop_lib
 from train.lib import report
+from train.lib import workdir as workdir_lib
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs",
@@ -53,6 +54,7 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", os.path.join("workdir", "sparsifiner_vit"),
     "Checkpoints, metrics.jsonl and results.json go here.",
     allow_override=True)
+flags.adopt_module_key_flags(workdir_lib)  # --allow_config_change
 
 PREDICTOR = nnx.All(nnx.Param, nnx.PathContains("method"))
 BACKBONE = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("method")))
@@ -260,13 +262,22 @@ def evaluate(state: TrainState, digits: Digits, config) -> dict:
   }
 
 
-def train_and_evaluate(config, workdir: str) -> dict:
+def train_and_evaluate(config, workdir: str,
+                       allow_config_change: bool = False) -> dict:
   """Runs the three phases (resuming from `workdir`) and evaluates.
 
+  Args:
+    config: the training config.
+    workdir: the run's directory; resumed from if it holds checkpoints.
+    allow_config_change: resume even if the workdir's config.json
+      differs (the change is recorded).
+
   Returns:
-    The evaluation results (empty if stopped early).
+    The evaluation results.
   """
-  workdir = report.prepare_workdir(workdir, config)
+  loop_lib.check_settings(config, "teacher_steps", "phase1_steps",
+                          "phase2_steps")
+  workdir = workdir_lib.prepare(workdir, config, allow_config_change)
 
   # ---------------------------------------------------------------- data --
   digits = Digits(config)
@@ -293,14 +304,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return {**steps[phase](state, images, labels), "train/phase": phase}
 
   step = loop.run(step_fn)
-  if step < total:
-    return {}
 
   # ---------------------------------------------------------- evaluate --
   results = evaluate(state, digits, config)
   loop.writer.write(step, {f"eval/{k}": v for k, v in results.items()
                            if isinstance(v, float)})
-  report.write_results(workdir, results)
+  loop.summary(results=report.write_results(workdir, results))
   return results
 
 
@@ -309,7 +318,8 @@ def main(argv):
   logging.get_absl_handler().addFilter(report.quiet_orbax)
   logging.info("jax %s, devices %s", jax.__version__, jax.devices())
   logging.info("config:\n%s", _CONFIG.value)
-  results = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  results = train_and_evaluate(_CONFIG.value, _WORKDIR.value,
+                               workdir_lib.ALLOW_CONFIG_CHANGE.value)
   print(json.dumps(results, indent=2))
 
 

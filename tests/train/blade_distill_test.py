@@ -33,7 +33,8 @@ class BladeDistillTest(absltest.TestCase):
       results = blade_distill.train_and_evaluate(tiny_config(), a)
       self.assertLen(results["frechet_to_real"], 4)
       blade_distill.train_and_evaluate(tiny_config(distill_steps=0), b)
-      blade_distill.train_and_evaluate(tiny_config(), b)
+      blade_distill.train_and_evaluate(tiny_config(), b,
+                                       allow_config_change=True)
       want = sparsifiner_vit_test.train_losses(a)
       got = sparsifiner_vit_test.train_losses(b)
       self.assertEqual(sorted(want), [1, 2, 3, 4])

@@ -118,14 +118,14 @@ class ResumeTest(absltest.TestCase):
       log = []
       for line in killed.stderr:
         log.append(line)
-        if "checkpoint 4 saved" in line:
+        if "step 4: checkpoint saved" in line:
           killed.send_signal(signal.SIGKILL)
           break
       self.assertEqual(killed.wait(), -signal.SIGKILL, "".join(log[-20:]))
       resumed = subprocess.run(self._command(killed_dir, tmp), env=env,
                                capture_output=True, text=True)
       self.assertEqual(resumed.returncode, 0, resumed.stderr[-3000:])
-      self.assertIn("resumed from step", resumed.stderr)
+      self.assertIn("resumed from checkpoint 4", resumed.stderr)
       self.assertEqual(full.wait(), 0)
       full_log.close()
       want, got = _read_losses(full_dir), _read_losses(killed_dir)

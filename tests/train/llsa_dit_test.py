@@ -27,7 +27,7 @@ TINY = [
     "--config.model.depth=1", "--config.model.num_heads=2",
     "--config.attn.options.topk=4", "--config.batch_size=4",
     "--config.log_every=1", "--config.checkpoint_every=2",
-    "--config.sample.num_images=4", "--config.sample.steps=2",
+    "--config.sample.num_images=10", "--config.sample.steps=2",
 ]
 
 
@@ -48,9 +48,9 @@ def _launch(workdir, *extra, num_steps=STEPS):
                           stderr=subprocess.STDOUT, text=True)
 
 
-def _finish(proc, timeout=300):
+def _finish(proc, timeout=300, status=0):
   out, _ = proc.communicate(timeout=timeout)
-  assert proc.returncode == 0, out[-4000:]
+  assert proc.returncode == status, out[-4000:]
   return out
 
 
@@ -80,11 +80,22 @@ def _wait_for_records(proc, workdir, count, timeout=300):
   raise TimeoutError(f"{count} metric records not reached")
 
 
+def _wait_for_checkpoint_after(proc, workdir, step, timeout=300):
+  """Waits until `proc` saved a checkpoint after `step`."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    assert proc.poll() is None, proc.communicate()[0][-4000:]
+    if _checkpoints(workdir) and _checkpoints(workdir)[-1] > step:
+      return
+    time.sleep(0.2)
+  raise TimeoutError(f"no checkpoint after {step}")
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   """An uninterrupted single-process run of the default config's variant."""
   workdir = tmp_path_factory.mktemp("reference")
-  _finish(_launch(workdir))
+  _finish(_launch(workdir, "--config.sample.every=4"))
   return workdir
 
 
@@ -92,8 +103,14 @@ def test_default_config_writes_samples_and_metrics(reference):
   losses = _losses(reference)
   assert sorted(losses) == list(range(1, STEPS + 1))
   assert all(np.isfinite(list(losses.values())))
-  assert (reference / f"samples_step{STEPS}.png").exists()
   assert _checkpoints(reference)[-1] == STEPS
+  for step in (4, STEPS):  # sample.every=4, and the end
+    assert (reference / f"samples_step{step}.png").exists()
+    with np.load(reference / f"samples_step{step}.npz") as f:
+      assert f["images"].shape == (10, 16, 16, 1)
+      assert 0.0 <= f["images"].min() <= f["images"].max() <= 1.0
+      np.testing.assert_array_equal(f["labels"], np.arange(10))
+      assert int(f["step"]) == step
 
 
 def test_two_processes_match_one(reference, tmp_path):
@@ -121,19 +138,31 @@ def test_kill_sigterm_and_resume_match_uninterrupted(reference, tmp_path):
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   killed_at = _checkpoints(tmp_path)[-1]
-  # Resume; SIGTERM must save the step it finished, then exit cleanly.
-  before = _records(tmp_path)
+  # Resume: the records after the checkpoint are dropped; SIGTERM must save
+  # the step it finished, then exit with status 143.
   proc = _launch(tmp_path, num_steps=10_000)
-  _wait_for_records(proc, tmp_path, before + 1)
+  _wait_for_checkpoint_after(proc, tmp_path, killed_at)
   proc.send_signal(signal.SIGTERM)
-  _finish(proc)
-  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
-  assert json.loads(lines[before])["step"] == killed_at + 1
-  last = json.loads(lines[-1])["step"]
-  assert _checkpoints(tmp_path)[-1] == last
-  # Resume to the end: every step's loss equals the uninterrupted run's.
-  if last < STEPS:
-    _finish(_launch(tmp_path))
+  _finish(proc, status=143)
+  steps = [json.loads(line)["step"] for line in
+           (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert steps == list(range(1, steps[-1] + 1))
+  assert _checkpoints(tmp_path)[-1] == steps[-1]
+  # Resume to the end (a shorter run: a config change, allowed): every
+  # step's loss equals the uninterrupted run's.
+  if steps[-1] < STEPS:
+    _finish(_launch(tmp_path, "--allow_config_change"))
   want, got = _losses(reference), _losses(tmp_path)
   for step in range(1, STEPS + 1):
     assert got[step] == pytest.approx(want[step], rel=1e-6), step
+
+
+def test_changed_model_shape_is_refused_with_the_differing_field(reference):
+  before = (reference / "config.json").read_text()
+  out = _finish(_launch(reference, "--config.model.hidden_size=48"),
+                status=1)
+  assert "ValueError: the config differs" in out
+  assert "model.hidden_size: 32 -> 48" in out
+  assert "--allow_config_change" in out
+  assert "tensorstore" not in out and "Event loop" not in out
+  assert (reference / "config.json").read_text() == before

@@ -43,7 +43,8 @@ class SEADistillTest(absltest.TestCase):
           "dense", "sea", "window", "window_zero_shot", "linear"})
       sea_distill.train_and_evaluate(
           tiny_config(data_dir, baseline_steps=0), b)
-      sea_distill.train_and_evaluate(tiny_config(data_dir), b)
+      sea_distill.train_and_evaluate(tiny_config(data_dir), b,
+                                     allow_config_change=True)
       want = sparsifiner_vit_test.train_losses(a)
       got = sparsifiner_vit_test.train_losses(b)
       self.assertEqual(sorted(want), [1, 2, 3, 4])

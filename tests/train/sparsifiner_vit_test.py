@@ -44,7 +44,8 @@ class SparsifinerViTTest(absltest.TestCase):
       # Stop after phase 1 (checkpoint at step 2), then resume to the end.
       self.assertEqual(sparsifiner_vit.train_and_evaluate(
           tiny_config(phase2_steps=0), b)["num_tokens"], 17)
-      sparsifiner_vit.train_and_evaluate(tiny_config(), b)
+      sparsifiner_vit.train_and_evaluate(tiny_config(), b,
+                                         allow_config_change=True)
       want, got = train_losses(a), train_losses(b)
       self.assertEqual(sorted(want), [1, 2, 3, 4])
       np.testing.assert_allclose([got[s] for s in range(1, 5)],

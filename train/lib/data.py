@@ -36,8 +36,11 @@ class DigitsDataset:
 
   Attributes:
     images: f32 [1797, size, size, channels].
-    labels: int [1797].
+    labels: int [1797], the digit of each image.
+    num_classes: 10.
   """
+
+  num_classes = 10
 
   def __init__(self, image_size: int = 32, channels: int = 1):
     digits = datasets.load_digits()
@@ -55,7 +58,11 @@ class DigitsDataset:
 
 class FolderDataset:
   """Images of a folder (recursive), resized (bilinear, shorter side) and
-  center-cropped to `image_size`, RGB in [-1, 1]; decoded on demand."""
+  center-cropped to `image_size`, RGB in [-1, 1]; decoded on demand.
+  Unlabelled: `labels` is None, `num_classes` 0."""
+
+  labels = None
+  num_classes = 0
 
   def __init__(self, image_dir: str, image_size: int, num_threads: int = 8):
     if not image_dir or not os.path.isdir(image_dir):
@@ -88,6 +95,12 @@ class FolderDataset:
         self._decode, [self.files[i] for i in indices])))
 
 
+def num_classes(source: str) -> int:
+  """The number of labels of data.source `source` (0: unlabelled)."""
+  return {"digits": DigitsDataset.num_classes,
+          "folder": FolderDataset.num_classes}.get(source, 0)
+
+
 def make_dataset(config):
   """The dataset named by `config.data.source` ("digits" or "folder")."""
   if config.data.source == "digits":
@@ -110,27 +123,36 @@ def global_batch_indices(step: int, global_batch: int, num_examples: int,
   return perm[pos * global_batch:(pos + 1) * global_batch]
 
 
-def local_batch(dataset, step: int, global_batch: int, seed: int
-                ) -> np.ndarray:
-  """This process's slice [global_batch / process_count, ...] of a step."""
+def local_indices(dataset, step: int, global_batch: int, seed: int
+                  ) -> np.ndarray:
+  """This process's [global_batch / process_count] example ids of a step."""
   count, index = jax.process_count(), jax.process_index()
   if global_batch % count:
     raise ValueError(
         f"global batch {global_batch} is not divisible by {count} processes")
   ids = global_batch_indices(step, global_batch, len(dataset), seed)
   size = global_batch // count
-  return dataset.load(ids[index * size:(index + 1) * size])
+  return ids[index * size:(index + 1) * size]
+
+
+def local_batch(dataset, step: int, global_batch: int, seed: int
+                ) -> np.ndarray:
+  """This process's slice [global_batch / process_count, ...] of a step."""
+  return dataset.load(local_indices(dataset, step, global_batch, seed))
 
 
 def prefetch(dataset, first_step: int, global_batch: int, seed: int,
              depth: int = 2):
-  """Yields (step, local batch) from `first_step` on, loaded ahead."""
+  """Yields (step, local images, their labels or None) from `first_step`
+  on, loaded ahead."""
   buffer: queue.Queue = queue.Queue(maxsize=depth)
 
   def produce():
     step = first_step
     while True:
-      buffer.put((step, local_batch(dataset, step, global_batch, seed)))
+      ids = local_indices(dataset, step, global_batch, seed)
+      labels = None if dataset.labels is None else dataset.labels[ids]
+      buffer.put((step, dataset.load(ids), labels))
       step += 1
 
   threading.Thread(target=produce, daemon=True).start()

@@ -1,24 +1,30 @@
 """The loop every training script shares: resume, step, log, save, stop.
 
-A script builds its state and one `step_fn(step) -> metrics` (which may switch
-phases by step), then:
+A script checks its settings, prepares the workdir, builds its state and one
+`step_fn(step) -> metrics` (which may switch phases by step), then:
 
-  loop = loop_lib.Loop(workdir, {"state": state}, total, ...)
-  step = loop.run(step_fn)
-  if step < total:  # stopped early (SIGTERM): the finished step is saved
-    return {}
+  loop_lib.check_settings(config, "num_steps")
+  workdir = workdir_lib.prepare(workdir, config, allow_config_change)
+  ...
+  loop = loop_lib.Loop(workdir, {"state": state}, config.num_steps, ...)
+  step = loop.run(step_fn)  # a SIGTERM saves and exits 143 in here
+  ...evaluate...
+  loop.summary(samples=path)
 
-Resume: the latest checkpoint in `workdir`/checkpoints is restored into the
-items when the loop is built. A checkpoint is written every
-`checkpoint_every` steps, at every phase boundary and at the last step
-reached, so no finished step is lost.
+Resume: the newest checkpoint in `workdir`/checkpoints that restores is
+restored into the items when the loop is built (see
+`checkpoint.restore_latest`), and metrics.jsonl is cut back to its step. A
+checkpoint is written every `checkpoint_every` steps, at every phase
+boundary and at the last step reached, so no finished step is lost.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+import os
+import sys
+import time
 
-from absl import logging
 from flax import nnx
 import jax
 import numpy as np
@@ -26,6 +32,35 @@ import numpy as np
 from train.lib import checkpoint
 from train.lib import preemption
 from train.lib import report
+
+
+def _check_int(config, name: str, minimum: int) -> int:
+  value = config[name]
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(
+        f"config.{name} must be an integer >= {minimum}, got {value!r}")
+  return value
+
+
+def check_settings(config, *step_fields: str) -> None:
+  """Validates the loop's config fields before any work.
+
+  Args:
+    config: holds batch_size, log_every, checkpoint_every, keep_checkpoints
+      (integers >= 1) and the `step_fields`.
+    step_fields: the fields whose sum is the run's length (phases), each an
+      integer >= 0.
+
+  Raises:
+    ValueError: naming the field and what it must be.
+  """
+  for name in ("batch_size", "log_every", "checkpoint_every",
+               "keep_checkpoints"):
+    _check_int(config, name, 1)
+  total = sum(_check_int(config, name, 0) for name in step_fields)
+  if total < 1:
+    raise ValueError(
+        f"config.{' + config.'.join(step_fields)} must be >= 1, got {total}")
 
 
 class Loop:
@@ -53,10 +88,15 @@ class Loop:
       log_every: metrics are averaged and written every this many steps.
       checkpoint_every: checkpoint period in steps.
       boundaries: steps (phase ends) that are always logged and saved.
+        Checkpoint steps are logged too.
       extra_metrics: step -> scalars added to each flush (e.g. the lr).
       after_step: called with the number of finished steps after each step
         (e.g. a periodic evaluation).
+
+    Raises:
+      RuntimeError: checkpoints exist but none restores.
     """
+    self.workdir = workdir
     self.items = items
     self.total = total
     self.log_every = log_every
@@ -64,25 +104,31 @@ class Loop:
     self.boundaries = frozenset(int(b) for b in boundaries)
     self.extra_metrics = extra_metrics
     self.after_step = after_step
+    self.started = time.perf_counter()
     self.manager = checkpoint.make_manager(workdir, keep_checkpoints)
-    latest = self.manager.latest_step()
+    latest = checkpoint.restore_latest(self.manager, items)
     self.resumed = latest is not None
-    if self.resumed:
-      checkpoint.restore(self.manager, latest, items)
-      logging.info("resumed from step %d", latest)
     self.start = latest or 0
     self.writer = report.MetricWriter(workdir)
+    if self.resumed:
+      report.log("resumed from checkpoint %d", latest)
+      self.writer.truncate(latest)
+    else:
+      self.writer.set_aside()
     self.last: dict[str, float] = {}
 
   def run(self, step_fn: Callable[[int], dict]) -> int:
-    """Runs `step_fn` from `start` to `total` or a stop request.
+    """Runs `step_fn` from `start` to `total`.
+
+    A stop request (SIGTERM, Ctrl-C) saves the finished step and exits the
+    process with status 128 + signal (143 for SIGTERM).
 
     Args:
       step_fn: runs one step; returns a dict of scalar (device) metrics
         holding at least "train/loss".
 
     Returns:
-      The number of finished steps (all saved).
+      The number of finished steps (all saved), `total`.
     """
     progress = report.Progress(self.start, self.total)
     stop = preemption.StopRequest()
@@ -96,20 +142,24 @@ class Loop:
         self.last.update(self.extra_metrics(step))
       self.last["perf/steps_per_sec"] = progress.update(
           step, self.last["train/loss"])
-      self.writer.write(step, self.last)
+      self.writer.write(step, self.last, echo=False)
       pending.clear()
 
     while step < self.total:
       pending.append(step_fn(step))
       step += 1
-      if step % self.log_every == 0 or step in self.boundaries:
+      # Stay one step ahead of the device at most: dispatching runs ahead
+      # to the next flush otherwise, and a stop request waits for it.
+      if len(pending) > 1:
+        jax.block_until_ready(pending[-2])
+      save = step % self.checkpoint_every == 0 or step in self.boundaries
+      if save or step % self.log_every == 0:
         flush()
       if self.after_step is not None:
         self.after_step(step)
-      if step % self.checkpoint_every == 0 or step in self.boundaries:
+      if save:
         self._save(step)
       if stop.should_stop(step):
-        logging.info("stop requested: saving step %d and exiting", step)
         break
     if pending:
       flush()
@@ -118,10 +168,31 @@ class Loop:
     self.manager.close()
     progress.close()
     stop.restore()
+    if stop.signal is not None:
+      report.log("stopped by signal %d after step %d (saved); exiting with "
+                 "status %d", stop.signal, step, stop.exit_code)
+      sys.exit(stop.exit_code)
     return step
 
   def _save(self, step: int) -> None:
     """Writes checkpoint `step` and waits: once logged, it is on disk."""
     checkpoint.save(self.manager, step, self.items)
     self.manager.wait_until_finished()
-    logging.info("checkpoint %d saved", step)
+    report.log("step %d: checkpoint saved; %s", step,
+               report.format_metrics(self.last))
+
+  def summary(self, **outputs: str) -> None:
+    """Logs the end of the run: time, final loss and where the files are.
+
+    Args:
+      **outputs: name -> path of the caller's further outputs.
+    """
+    files = {"checkpoints": os.path.join(self.workdir, "checkpoints"),
+             "metrics": self.writer.path, **outputs}
+    report.log(
+        "done: steps %d-%d of %d in %.0f s, final train/loss %s\n%s",
+        self.start, self.total, self.total,
+        time.perf_counter() - self.started,
+        f"{self.last['train/loss']:.4f}" if "train/loss" in self.last
+        else "n/a (nothing left to train)",
+        "\n".join(f"  {name}: {path}" for name, path in files.items()))

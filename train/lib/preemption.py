@@ -1,4 +1,9 @@
-"""Stop requests: SIGTERM (and Ctrl-C) end the run after a checkpoint."""
+"""Stop requests: SIGTERM (and Ctrl-C) end the run after a checkpoint.
+
+The loop saves the finished step and exits with status 128 + the signal
+number (143 for SIGTERM, 130 for Ctrl-C), so a scheduler can tell a
+preempted run from a finished one (status 0).
+"""
 
 from __future__ import annotations
 
@@ -11,14 +16,17 @@ from jax.experimental import multihost_utils
 class StopRequest:
   """Tells the loop when to save the finished step and exit.
 
-  One process: a SIGTERM/SIGINT handler sets a flag that the loop reads
-  after each step. Several processes: JAX's preemption service (started by
-  jax.distributed) catches SIGTERM, and all processes stop at the same step
-  through `reached_preemption_sync_point`.
+  One process: a SIGTERM/SIGINT handler records the signal, which the loop
+  reads after each step. Several processes: JAX's preemption service
+  (started by jax.distributed) catches SIGTERM, and all processes stop at
+  the same step through `reached_preemption_sync_point`.
+
+  Attributes:
+    signal: the signal that asked to stop (None: none yet).
   """
 
   def __init__(self):
-    self.requested = False
+    self.signal: int | None = None
     self.multi = jax.process_count() > 1
     self._previous = {}
     if not self.multi:
@@ -26,16 +34,22 @@ class StopRequest:
         self._previous[sig] = signal.signal(sig, self._handle)
 
   def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
+    del frame
+    self.signal = signum
 
   def should_stop(self, step: int) -> bool:
     if self.multi:
       try:
-        return multihost_utils.reached_preemption_sync_point(step)
+        if multihost_utils.reached_preemption_sync_point(step):
+          self.signal = signal.SIGTERM
       except RuntimeError:  # the preemption service is disabled
-        return False
-    return self.requested
+        pass
+    return self.signal is not None
+
+  @property
+  def exit_code(self) -> int:
+    """128 + the signal number, the shell's status of a signalled job."""
+    return 128 + int(self.signal)
 
   def restore(self) -> None:
     """Puts the previous signal handlers back."""
