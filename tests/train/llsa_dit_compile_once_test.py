@@ -1,15 +1,18 @@
-"""train/llsa_dit.py compiles its train step once across steps.
+"""train/llsa_dit.py's train step on a device mesh: compiled once, and the
+losses of one device.
 
 The step is built as the script builds it (`create_train_state`,
 `make_train_step`, batches sharded by `parallel.global_batch` over a mesh
-of all devices) on a tiny config; after the first step, new batches and
-step numbers compile nothing.
+of all devices) on a tiny config: after the first step, new batches and
+step numbers compile nothing, and a (data=4, fsdp=2) mesh gives the losses
+of a single device.
 """
 
 from __future__ import annotations
 
 from absl.testing import absltest
 import chex
+import jax
 import numpy as np
 import pytest
 
@@ -35,21 +38,40 @@ def _tiny_config():
   return config
 
 
-class CompileOnceTest(absltest.TestCase):
+def _runner(config, mesh):
+  """step -> metrics of the script's train step on `mesh`."""
+  dataset = data.make_dataset(config)
+  state = llsa_dit.create_train_state(config, mesh)
+  train_step = llsa_dit.make_train_step(config)
+
+  def run(step):
+    ids = data.local_indices(dataset, step, config.batch_size, config.seed)
+    images = parallel.global_batch(dataset.load(ids), mesh)
+    labels = parallel.global_batch(
+        dataset.labels[ids].astype(np.int32), mesh)
+    return train_step(state, images, labels, np.int32(step))
+
+  return run
+
+
+class MeshTest(absltest.TestCase):
+
+  def test_data_and_fsdp_mesh_matches_one_device(self):
+    config = _tiny_config()
+    config.mesh.fsdp = 2
+    mesh = parallel.make_mesh(config.mesh.fsdp)
+    self.assertEqual(dict(mesh.shape), {"data": 4, "fsdp": 2})
+    one = jax.make_mesh((1, 1), ("data", "fsdp"), devices=jax.devices()[:1],
+                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    sharded, single = _runner(config, mesh), _runner(config, one)
+    for step in range(NUM_STEPS):
+      got, want = sharded(step), single(step)
+      chex.assert_trees_all_close(got, want, rtol=2e-4, atol=1e-5,
+                                  custom_message=f"step {step}")
 
   def test_train_step_compiles_once(self):
     config = _tiny_config()
-    mesh = parallel.make_mesh(config.mesh.fsdp)
-    dataset = data.make_dataset(config)
-    state = llsa_dit.create_train_state(config, mesh)
-    train_step = llsa_dit.make_train_step(config)
-
-    def run(step):
-      ids = data.local_indices(dataset, step, config.batch_size, config.seed)
-      images = parallel.global_batch(dataset.load(ids), mesh)
-      labels = parallel.global_batch(
-          dataset.labels[ids].astype(np.int32), mesh)
-      return train_step(state, images, labels, np.int32(step))
+    run = _runner(config, parallel.make_mesh(config.mesh.fsdp))
 
     with chex_helpers.count_compiles() as first:
       run(0)
