@@ -274,13 +274,16 @@ def plot(rows: list[dict], device: str, path: pathlib.Path) -> None:
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
   fig, ax = plt.subplots(figsize=(7, 5))
-  for name in dict.fromkeys(r["method"] for r in rows):
+  colours = plt.get_cmap("tab20").colors
+  markers = "osD^v<>phX*P8"
+  for i, name in enumerate(dict.fromkeys(r["method"] for r in rows)):
     mine = [r for r in rows if r["method"] == name and "error" not in r]
     if not mine:
       continue
     x = [r["element_density"] for r in mine]
     y = [r["total_over_dense"] for r in mine]
-    ax.plot(x, y, "o-", label=name, alpha=0.8)
+    ax.plot(x, y, "-", marker=markers[i % len(markers)],
+            color=colours[i % len(colours)], label=name, alpha=0.85)
     last = mine[-1]
     ax.annotate(f"{last['seq_len']}", (x[-1], y[-1]), fontsize=6)
   lim = [1e-3, 1.5]
