@@ -168,6 +168,10 @@ def block_sparse_attention(
     if layout.is_host and layout.kv_major is None:
       # Exact Qmax for the dK/dV lists while the layout is still on the host.
       layout = layout.with_kv_major()
+    if layout.is_host and impl == "xla":
+      # Rows of very different lengths are gathered in ranges of their own
+      # Kmax (static, from the host lists).
+      options += backend(impl).host_layout_options(layout)
     out, lse = _padded_attention((impl, options), spec, q, k, v, bias_k,
                                  q_segment_ids, kv_segment_ids, layout,
                                  offset)

@@ -19,6 +19,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import _common
 from pallas_kernels import layout as layout_lib
@@ -243,14 +244,81 @@ def _split_segments(q_seg, chunking, geo):
   return None if q_seg is None else chunking.split_rows(q_seg, geo, 1)
 
 
+# Host layouts are cut into at most this many row ranges of their own Kmax.
+_MAX_ROW_SPLITS = 4
+
+
+def host_layout_options(layout) -> tuple[tuple[str, object], ...]:
+  """Static options of a host layout: its row splits, when they pay.
+
+  The gather pays Kmax slots on every query block, so a layout whose rows
+  differ in length (causal-like masks, MoA's head spans) wastes the gap. A
+  host layout is cut into up to `_MAX_ROW_SPLITS` equal ranges of query
+  blocks, each gathered with its own longest row, when that saves at least
+  a fifth of the slots (a causal layout: 37%).
+
+  Returns:
+    (("row_splits", ((first, stop, kmax), ...)),) or ().
+  """
+  counts = np.asarray(layout.kv_cnt).reshape(-1, layout.num_q_blocks)
+  counts = counts.max(0)
+  bounds = np.linspace(0, layout.num_q_blocks,
+                       min(_MAX_ROW_SPLITS, layout.num_q_blocks) + 1)
+  bounds = np.unique(bounds.astype(int))
+  splits = tuple((int(a), int(b), max(int(counts[a:b].max()), 1))
+                 for a, b in zip(bounds[:-1], bounds[1:]))
+  slots = sum((b - a) * kmax for a, b, kmax in splits)
+  if slots > 0.8 * layout.num_q_blocks * layout.max_kv_blocks:
+    return ()
+  return (("row_splits", splits),)
+
+
+def _row_ranges(layout, row_splits):
+  """(first, stop, sub-layout) per split; one range without splits."""
+  if row_splits is None:
+    return [(0, layout.num_q_blocks, layout)]
+
+  def cut(x, a, b, kmax):
+    return None if x is None else x[:, :, a:b, :kmax]
+
+  return [(a, b, dataclasses.replace(
+      layout, kv_idx=cut(layout.kv_idx, a, b, kmax),
+      kv_cnt=layout.kv_cnt[:, :, a:b],
+      kv_kind=cut(layout.kv_kind, a, b, kmax),
+      tile_idx=cut(layout.tile_idx, a, b, kmax)))
+          for a, b, kmax in row_splits]
+
+
+def _rows(x, layout, a, b, axis):
+  """Rows of query blocks [a, b) of x (T on `axis`), or None."""
+  if x is None:
+    return None
+  return jax.lax.slice_in_dim(x, a * layout.block_q, b * layout.block_q,
+                              axis=axis)
+
+
 @_common.numpy_broadcasting
 def forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, *,
-            causal_offset=None):
+            causal_offset=None, row_splits=None):
   """Returns out [B, T, Hq, D] and lse f32 [B, Hq, T] on padded inputs.
 
   `causal_offset` is the int32 scalar of the op's causal predicate (used
-  when spec.causal).
+  when spec.causal); `row_splits` the static ranges of
+  `host_layout_options`.
   """
+  outs, lses = [], []
+  for a, b, part in _row_ranges(layout, row_splits):
+    out, lse = _forward_rows(_rows(q, layout, a, b, 1), k, v, bias_k,
+                             _rows(q_seg, layout, a, b, 1), kv_seg, part,
+                             spec, causal_offset, a)
+    outs.append(out)
+    lses.append(lse)
+  return jnp.concatenate(outs, 1), jnp.concatenate(lses, 2)
+
+
+def _forward_rows(q, k, v, bias_k, q_seg, kv_seg, layout, spec,
+                  causal_offset, first_q_block: int):
+  """`forward` of the query blocks from `first_q_block` on (q, layout)."""
   geo = _geometry(q, k, layout)
   chunking = _Chunking.of(geo, layout, q.shape[-1])
   cgeo = chunking.chunk_geometry(geo)
@@ -259,7 +327,7 @@ def forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, *,
     qc, q_seg_c, lists, n = xs
     g = _gather(qc, k, v, bias_k, q_seg_c, kv_seg,
                 _chunk_layout(layout, lists), spec, cgeo, causal_offset,
-                n * chunking.chunk)
+                first_q_block + n * chunking.chunk)
     _, s = _logits(g, spec)
     p, l, lse = tile_math.softmax_stats(s, axes=(-2, -1))
     probs = tile_math.normalise(p, l).astype(v.dtype)
@@ -275,23 +343,51 @@ def forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, *,
 
 @_common.numpy_broadcasting
 def backward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, out, lse, dout,
-             dlse, *, causal_offset=None):
+             dlse, *, causal_offset=None, row_splits=None):
   """Gradients (dq, dk, dv, dbias_k) of the forward pass.
 
   `dlse` f32 [B, Hq, T] is the cotangent of the returned log-sum-exp.
   """
-  geo = _geometry(q, k, layout)
-  chunking = _Chunking.of(geo, layout, q.shape[-1])
-  cgeo = chunking.chunk_geometry(geo)
   b, s_len, hkv, d = k.shape
   delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), -1)
   delta = delta.transpose(0, 2, 1) - dlse.astype(jnp.float32)
+  zeros = jnp.zeros((b, hkv, s_len // layout.block_kv, layout.block_kv, d),
+                    jnp.float32)
+  acc = (zeros, zeros,
+         None if bias_k is None else jnp.zeros(bias_k.shape, jnp.float32))
+  dqs = []
+  for a, stop, part in _row_ranges(layout, row_splits):
+    rows = lambda x, axis: _rows(x, layout, a, stop, axis)
+    acc, dq = _backward_rows(
+        rows(q, 1), k, v, bias_k, rows(q_seg, 1), kv_seg, part, spec,
+        rows(dout, 1), rows(lse, 2), rows(delta, 2), causal_offset, a, acc)
+    dqs.append(dq)
+  dk, dv, dbias = acc
+
+  def unblock(acc, like):
+    return acc.transpose(0, 2, 3, 1, 4).reshape(like.shape).astype(like.dtype)
+
+  if dbias is not None:
+    dbias = dbias.astype(bias_k.dtype)
+  return (jnp.concatenate(dqs, 1), unblock(dk, k), unblock(dv, v), dbias)
+
+
+def _backward_rows(q, k, v, bias_k, q_seg, kv_seg, layout, spec, dout, lse,
+                   delta, causal_offset, first_q_block: int, acc):
+  """`backward` of the query blocks from `first_q_block` on: (acc, dq).
+
+  `acc` holds the f32 dk, dv [B, Hkv, Kb, K, D] and d(bias_k) sums.
+  """
+  geo = _geometry(q, k, layout)
+  chunking = _Chunking.of(geo, layout, q.shape[-1])
+  cgeo = chunking.chunk_geometry(geo)
+  b = k.shape[0]
 
   def chunk(acc, xs):
     qc, q_seg_c, lists, n, do, lse_c, delta_c = xs
     g = _gather(qc, k, v, bias_k, q_seg_c, kv_seg,
                 _chunk_layout(layout, lists), spec, cgeo, causal_offset,
-                n * chunking.chunk)
+                first_q_block + n * chunking.chunk)
     dot, s = _logits(g, spec)
     probs = tile_math.probabilities(s, _row_stat_blocks(lse_c, cgeo))
     do = _to_blocks(do, cgeo)
@@ -315,19 +411,10 @@ def backward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, out, lse, dout,
       dbias_acc = dbias_acc.at[g.bias_index].add(ds.sum(axis=4))
     return (dk_acc, dv_acc, dbias_acc), _from_blocks(dq, cgeo).astype(q.dtype)
 
-  zeros = jnp.zeros((b, hkv, s_len // geo.block_kv, geo.block_kv, d),
-                    jnp.float32)
-  dbias0 = None if bias_k is None else jnp.zeros(bias_k.shape, jnp.float32)
-  (dk, dv, dbias), dq = jax.lax.scan(chunk, (zeros, zeros, dbias0), (
+  acc, dq = jax.lax.scan(chunk, acc, (
       chunking.split_rows(q, geo, 1), _split_segments(q_seg, chunking, geo),
       chunking.split_layout(layout), jnp.arange(chunking.num_chunks),
       chunking.split_rows(dout, geo, 1), chunking.split_rows(lse, geo, 2),
       chunking.split_rows(delta, geo, 2)))
+  return acc, chunking.merge_rows(dq, geo, 1)
 
-  def unblock(acc, like):
-    return acc.transpose(0, 2, 3, 1, 4).reshape(like.shape).astype(like.dtype)
-
-  if dbias is not None:
-    dbias = dbias.astype(bias_k.dtype)
-  return (chunking.merge_rows(dq, geo, 1), unblock(dk, k), unblock(dv, v),
-          dbias)

@@ -1,5 +1,6 @@
 """The "xla" gather backend against the dense reference."""
 
+import dataclasses
 from unittest import mock
 
 from absl.testing import absltest
@@ -8,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eval import matmul_flops
 from pallas_kernels import BlockLayout
 from pallas_kernels.block_sparse_attention import api
 from pallas_kernels.block_sparse_attention import xla
@@ -45,6 +47,32 @@ class XlaBlockSparseAttentionTest(test_base.BlockSparseAttentionTestBase):
       return compiled.memory_analysis().temp_size_in_bytes
 
     self.assertLess(temp_bytes(4096) / temp_bytes(2048), 2.6)
+
+  def test_rows_of_a_causal_layout_are_gathered_in_ranges(self):
+    # Four ranges of query blocks, each with its own longest row: 10/16 of
+    # the slots of one Kmax for every row; values and gradients unchanged
+    # (the reference checks), and uniform rows are not split.
+    t = 1024
+    causal = BlockLayout.causal(t, t, block_q=64, block_kv=64)
+    (name, splits), = xla.host_layout_options(causal)
+    self.assertEqual((name, splits), ("row_splits", ((0, 4, 4), (4, 8, 8),
+                                                     (8, 12, 12),
+                                                     (12, 16, 16))))
+    self.assertEqual(xla.host_layout_options(BlockLayout.dense(t, t)), ())
+    q, k, v = test_base.random_qkv(0, 1, t, t, 2, 1, 16)
+
+    def flops(layout):
+      return matmul_flops.matmul_flops(
+          lambda q, k, v: api.block_sparse_attention(
+              q, k, v, layout, causal=True, implementation="xla"),
+          q, k, v).flops
+
+    unsplit = dataclasses.replace(causal, kv_idx=jnp.asarray(causal.kv_idx))
+    self.assertAlmostEqual(flops(causal) / flops(unsplit), 10 / 16)
+    self.assert_matches_reference(q[:, :300], k[:, :300], v[:, :300],
+                                  BlockLayout.causal(300, 300, block_q=32,
+                                                     block_kv=32),
+                                  causal=True)
 
   @parameterized.named_parameters(
       ("gqa_causal_bias_empty_rows", "mixed"), ("segments", "segments"),
