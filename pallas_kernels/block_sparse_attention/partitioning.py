@@ -333,12 +333,14 @@ def call(fn: Callable, args: tuple, arg_roles: Any, result_roles: Any,
     ValueError: when a sequence axis or the head dim is sharded, or the head
       sharding does not divide the kv heads.
   """
+  if _one_device():
+    return fn(*args)  # nothing to partition
   plain = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                        args)
   traced, results = jax.make_jaxpr(fn, return_shape=True)(*plain)
-  if _one_device() or traced.effects:
-    # Nothing to partition, or a call custom_partitioning cannot carry (the
-    # ordered callbacks of the TPU interpreter): run it as it is.
+  if traced.effects:
+    # A call custom_partitioning cannot carry (the ordered callbacks of the
+    # TPU interpreter): run it as it is.
     return fn(*args)
   rule, sizes, arg_factors, result_factors = _rule(
       arg_roles, args, result_roles, results, dims)
