@@ -54,8 +54,9 @@ class RowLayout:
   Attributes:
     kv_idx: int32 [Bl, Hl, Qg, Kmax] key token indices in [0, S) listed for
       each query group; entries past the group's count are ignored (any
-      value), and so are entries equal to S within it (padding). Bl is 1 (shared) or B; Hl is 1, the number of kv heads (the q
-      heads of a kv head share the list) or of q heads. The valid entries of
+      value), and so are entries equal to S within it (padding). Bl is 1
+      (shared) or B; Hl is 1, the number of kv heads (the q heads of a kv
+      head share the list) or of q heads. The valid entries of
       one list must be distinct: `validate` checks host layouts, while
       duplicates in a traced layout are counted twice (the key gets twice
       its softmax weight).
@@ -116,8 +117,9 @@ class RowLayout:
     if kv_cnt is None:
       kv_cnt = xp.full(kv_idx.shape[:3], kv_idx.shape[3], np.int32)
     if (row_start is None) != (row_end is None):
-      raise ValueError("row_start and row_end must be given together, got "
-                       f"only {'row_end' if row_start is None else 'row_start'}")
+      given = "row_end" if row_start is None else "row_start"
+      raise ValueError(
+          f"row_start and row_end must be given together, got only {given}")
     if row_start is not None:
       row_start = _as_int32(row_start, "row_start")
       row_end = _as_int32(row_end, "row_end")
