@@ -168,6 +168,45 @@ def causal_scores(scores: jax.Array, past: np.ndarray,
                    scores.max(-1, keepdims=True) + 1, scores)
 
 
+def sampled_scores(q: jax.Array, k: jax.Array, block_q: int, block_kv: int,
+                   *, q_samples: int, kv_samples: int, causal: bool,
+                   key: jax.Array | None, seed: int, method: str):
+  """Sampled block importance, over the causal past when `causal`.
+
+  The estimator BLADE and PSA share: `selection.sampled_block_scores`,
+  then `causal_scores` for causal self-attention.
+
+  Args:
+    q: [B, T, Hq, D]; k: [B, S, Hkv, D].
+    block_q, block_kv: block sizes.
+    q_samples, kv_samples: sampled rows per block.
+    causal: rank over the causal past (needs T == S).
+    key: PRNG key of the sampling offsets; None: from `seed`.
+    seed: the default key's seed.
+    method: the caller's name, for the error.
+
+  Returns:
+    (scores f32 [B, Hq, Qb, Kb], (past, crossing) of `causal_blocks` when
+    causal, else None).
+
+  Raises:
+    ValueError: if causal and T != S.
+  """
+  if causal and q.shape[1] != k.shape[1]:
+    raise ValueError(
+        f"causal {method} is self-attention: q has {q.shape[1]} tokens, k "
+        f"has {k.shape[1]}")
+  if key is None:
+    key = jax.random.key(seed)
+  scores = selection.sampled_block_scores(
+      q, k, block_q, block_kv, q_samples=q_samples, kv_samples=kv_samples,
+      key=key)
+  if not causal:
+    return scores, None
+  blocks = causal_blocks(*scores.shape[-2:], block_q, block_kv)
+  return causal_scores(scores, *blocks), blocks
+
+
 class BladeMethod(base.SparseMethod):
   """ASA: mass-thresholded block mask plus a pooled global branch."""
 
@@ -210,19 +249,11 @@ class BladeMethod(base.SparseMethod):
     """
     cfg = self.config
     b = cfg.block_size
-    if cfg.causal and q.shape[1] != k.shape[1]:
-      raise ValueError(
-          f"causal BLADE is self-attention: q has {q.shape[1]} tokens, k has "
-          f"{k.shape[1]}")
-    if key is None:
-      key = jax.random.key(cfg.seed)
     samples = min(cfg.samples, b)
-    scores = selection.sampled_block_scores(q, k, b, b, q_samples=samples,
-                                            kv_samples=samples, key=key)
+    scores, blocks = sampled_scores(
+        q, k, b, b, q_samples=samples, kv_samples=samples, causal=cfg.causal,
+        key=key, seed=cfg.seed, method="BLADE")
     qb, kb = scores.shape[-2:]
-    if cfg.causal:
-      past, crossing = self._causal_blocks(qb, kb)
-      scores = causal_scores(scores, past, crossing)
     lo, hi = cfg.block_budget(kb)
     forced = None
     if cfg.num_text_blocks:
@@ -233,6 +264,7 @@ class BladeMethod(base.SparseMethod):
         scores, cfg.mass, min_blocks=lo, max_blocks=hi,
         include_crossing=False, mandatory=forced)
     if cfg.causal:
+      past, crossing = blocks
       mask &= np.broadcast_to(past | crossing, mask.shape)
     return mask, scores
 

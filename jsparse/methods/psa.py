@@ -417,19 +417,11 @@ class PSAMethod(base.SparseMethod):
     """(scores, levels) of the estimator and the level rule (the plans make
     the levels causal)."""
     cfg = self.config
-    if cfg.causal and q.shape[1] != k.shape[1]:
-      raise ValueError(
-          f"causal PSA is self-attention: q has {q.shape[1]} tokens, k has "
-          f"{k.shape[1]}")
-    if key is None:
-      key = jax.random.key(cfg.seed)
-    scores = selection.sampled_block_scores(
+    scores, _ = blade.sampled_scores(
         q, k, cfg.block_q, cfg.block_kv,
         q_samples=cfg.q_samples or max(cfg.block_q // 4, 1),
-        kv_samples=cfg.kv_samples or max(cfg.block_kv // 4, 1), key=key)
-    if cfg.causal:
-      scores = blade.causal_scores(scores, *blade.causal_blocks(
-          *scores.shape[-2:], cfg.block_q, cfg.block_kv))
+        kv_samples=cfg.kv_samples or max(cfg.block_kv // 4, 1),
+        causal=cfg.causal, key=key, seed=cfg.seed, method="PSA")
     return scores, level_map(scores, cfg)
 
   def _warming_up(self, step) -> bool:
