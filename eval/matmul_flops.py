@@ -25,7 +25,8 @@ class MatmulFlops:
   while_loops: int = 0  # while loops counted once (unknown trip count)
 
 
-def _sub_jaxprs(params):
+def sub_jaxprs(params):
+  """The jaxprs nested in an equation's params (jit, scan, cond, ...)."""
   for value in params.values():
     for item in value if isinstance(value, (tuple, list)) else (value,):
       if isinstance(item, jex_core.ClosedJaxpr):
@@ -60,7 +61,7 @@ def _count(jaxpr, total: MatmulFlops, scale: float) -> None:
     else:
       if name == "while":
         total.while_loops += 1
-      for sub in _sub_jaxprs(eqn.params):
+      for sub in sub_jaxprs(eqn.params):
         _count(sub, total, scale)
 
 

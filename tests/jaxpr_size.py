@@ -9,17 +9,8 @@ from __future__ import annotations
 import math
 
 import jax
-from jax.extend import core as jex_core
 
-
-def _sub_jaxprs(params):
-  for value in params.values():
-    values = value if isinstance(value, (tuple, list)) else (value,)
-    for item in values:
-      if isinstance(item, jex_core.ClosedJaxpr):
-        yield item.jaxpr
-      elif isinstance(item, jex_core.Jaxpr):
-        yield item
+from eval import matmul_flops
 
 
 def _largest(jaxpr, best):
@@ -29,7 +20,7 @@ def _largest(jaxpr, best):
       size = math.prod(shape)
       if size > best[0]:
         best = (size, tuple(shape), str(eqn.primitive))
-    for sub in _sub_jaxprs(eqn.params):
+    for sub in matmul_flops.sub_jaxprs(eqn.params):
       best = _largest(sub, best)
   return best
 
