@@ -233,15 +233,24 @@ class _Chunking:
   def chunk_geometry(self, geo: _Geometry) -> _Geometry:
     return dataclasses.replace(geo, num_q_blocks=self.chunk)
 
+  def inputs(self, q, q_seg, layout, geo: _Geometry):
+    """Per-chunk (q, q_seg, lists, chunk number), leading axis N."""
+    q_seg = None if q_seg is None else self.split_rows(q_seg, geo, 1)
+    return (self.split_rows(q, geo, 1), q_seg, self.split_layout(layout),
+            jnp.arange(self.num_chunks))
+
+
+def _chunks(q, k, layout):
+  """(geometry, chunking, geometry of one chunk) of q [B, T, Hq, D]."""
+  geo = _geometry(q, k, layout)
+  chunking = _Chunking.of(geo, layout, q.shape[-1])
+  return geo, chunking, chunking.chunk_geometry(geo)
+
 
 def _chunk_layout(layout, lists):
   kv_idx, kv_cnt, kv_kind, tile_idx = lists
   return dataclasses.replace(layout, kv_idx=kv_idx, kv_cnt=kv_cnt,
                              kv_kind=kv_kind, tile_idx=tile_idx)
-
-
-def _split_segments(q_seg, chunking, geo):
-  return None if q_seg is None else chunking.split_rows(q_seg, geo, 1)
 
 
 # Host layouts are cut into at most this many row ranges of their own Kmax.
@@ -319,9 +328,7 @@ def forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, *,
 def _forward_rows(q, k, v, bias_k, q_seg, kv_seg, layout, spec,
                   causal_offset, first_q_block: int):
   """`forward` of the query blocks from `first_q_block` on (q, layout)."""
-  geo = _geometry(q, k, layout)
-  chunking = _Chunking.of(geo, layout, q.shape[-1])
-  cgeo = chunking.chunk_geometry(geo)
+  geo, chunking, cgeo = _chunks(q, k, layout)
 
   def chunk(xs):
     qc, q_seg_c, lists, n = xs
@@ -335,9 +342,7 @@ def _forward_rows(q, k, v, bias_k, q_seg, kv_seg, layout, spec,
                      preferred_element_type=jnp.float32)
     return _from_blocks(out, cgeo).astype(q.dtype), _row_stat(lse, cgeo)
 
-  out, lse = jax.lax.map(chunk, (
-      chunking.split_rows(q, geo, 1), _split_segments(q_seg, chunking, geo),
-      chunking.split_layout(layout), jnp.arange(chunking.num_chunks)))
+  out, lse = jax.lax.map(chunk, chunking.inputs(q, q_seg, layout, geo))
   return chunking.merge_rows(out, geo, 1), chunking.merge_rows(lse, geo, 2)
 
 
@@ -378,13 +383,11 @@ def _backward_rows(q, k, v, bias_k, q_seg, kv_seg, layout, spec, dout, lse,
 
   `acc` holds the f32 dk, dv [B, Hkv, Kb, K, D] and d(bias_k) sums.
   """
-  geo = _geometry(q, k, layout)
-  chunking = _Chunking.of(geo, layout, q.shape[-1])
-  cgeo = chunking.chunk_geometry(geo)
+  geo, chunking, cgeo = _chunks(q, k, layout)
   b = k.shape[0]
 
   def chunk(acc, xs):
-    qc, q_seg_c, lists, n, do, lse_c, delta_c = xs
+    (qc, q_seg_c, lists, n), do, lse_c, delta_c = xs
     g = _gather(qc, k, v, bias_k, q_seg_c, kv_seg,
                 _chunk_layout(layout, lists), spec, cgeo, causal_offset,
                 first_q_block + n * chunking.chunk)
@@ -412,9 +415,7 @@ def _backward_rows(q, k, v, bias_k, q_seg, kv_seg, layout, spec, dout, lse,
     return (dk_acc, dv_acc, dbias_acc), _from_blocks(dq, cgeo).astype(q.dtype)
 
   acc, dq = jax.lax.scan(chunk, acc, (
-      chunking.split_rows(q, geo, 1), _split_segments(q_seg, chunking, geo),
-      chunking.split_layout(layout), jnp.arange(chunking.num_chunks),
-      chunking.split_rows(dout, geo, 1), chunking.split_rows(lse, geo, 2),
-      chunking.split_rows(delta, geo, 2)))
+      chunking.inputs(q, q_seg, layout, geo), chunking.split_rows(dout, geo, 1),
+      chunking.split_rows(lse, geo, 2), chunking.split_rows(delta, geo, 2)))
   return acc, chunking.merge_rows(dq, geo, 1)
 
