@@ -10,6 +10,8 @@ the ratios mean something; absolute numbers come from accelerators.
 
   python eval/bench_kernels.py                       # CPU default, T=8192
   python eval/bench_kernels.py --seq_len 2048 --modes fwd
+  python eval/bench_kernels.py --tpu                 # TPU: vs splash
+                                                     # (eval/bench_kernels_tpu.py)
 """
 
 from __future__ import annotations
@@ -49,8 +51,10 @@ def parse_args(argv=None):
   p.add_argument("--num_q_heads", type=int, default=4)
   p.add_argument("--num_kv_heads", type=int, default=4)
   p.add_argument("--head_dim", type=int, default=64)
-  p.add_argument("--block", type=int, default=128)
-  p.add_argument("--dtype", choices=sorted(DTYPES), default="f32")
+  p.add_argument("--block", type=int, default=None,
+                 help="layout block (default 128; 512 with --tpu)")
+  p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                 help="default f32; bf16 with --tpu")
   p.add_argument("--densities", default="1,0.5,0.25,0.1,0.05")
   p.add_argument("--layouts", default="random,causal_window")
   p.add_argument("--modes", default="fwd,fwd_bwd")
@@ -65,7 +69,25 @@ def parse_args(argv=None):
   p.add_argument("--out", default=None,
                  help="JSON path; default eval/results/bench_kernels_"
                  "<platform>_T<seq_len>.json")
-  return p.parse_args(argv)
+  tpu = p.add_argument_group(
+      "TPU section (eval/bench_kernels_tpu.py): the Mosaic TPU kernels "
+      "against splash attention, dense mode and the density sweep")
+  tpu.add_argument("--tpu", action="store_true",
+                   help="run the TPU section instead (bf16, block 512, "
+                   "within --time_budget_s)")
+  tpu.add_argument("--dry_run", action="store_true",
+                   help="with --tpu: a small problem in interpret mode on "
+                   "any host (checks the script, not speed)")
+  tpu.add_argument("--time_budget_s", type=float, default=420.0,
+                   help="with --tpu: start no case after this many seconds")
+  args = p.parse_args(argv)
+  if args.dry_run and not args.tpu:
+    p.error("--dry_run applies to --tpu only")
+  if args.dtype is None:
+    args.dtype = "bf16" if args.tpu else "f32"
+  if args.block is None:
+    args.block = 512 if args.tpu else 128
+  return args
 
 
 def make_layout(kind: str, density: float, t: int, block: int,
@@ -127,6 +149,10 @@ def build(attention, mode):
 
 def main(argv=None):
   args = parse_args(argv)
+  if args.tpu:
+    # Imported here: it builds on this module's helpers.
+    from eval import bench_kernels_tpu  # pylint: disable=g-import-not-at-top
+    return bench_kernels_tpu.main(args)
   dtype = DTYPES[args.dtype]
   t, b = args.seq_len, args.batch
   keys = jax.random.split(jax.random.key(0), 4)
