@@ -10,8 +10,8 @@ the ratios mean something; absolute numbers come from accelerators.
 
   python eval/bench_kernels.py                       # CPU default, T=8192
   python eval/bench_kernels.py --seq_len 2048 --modes fwd
-  python eval/bench_kernels.py --tpu                 # TPU: vs splash
-                                                     # (eval/bench_kernels_tpu.py)
+  python eval/bench_kernels.py --tpu                 # TPU vs splash
+                                             # (eval/bench_kernels_tpu.py)
 """
 
 from __future__ import annotations

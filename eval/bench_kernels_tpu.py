@@ -14,9 +14,9 @@ Side by side in one run, bf16 by default:
    elements, so both skip the same blocks) and against dense XLA.
 
 Both kernels use the layout's block (`--block`, 512 by default here) as
-their DMA granularity and the op's default compute tile
-(`MosaicTpuConfig`: 512 keys for head dims up to 128, clamped to the block). Every case records max |op - splash|
-of the outputs, so a fast wrong kernel shows. Cases run in order until
+their DMA granularity and the op's default compute tile (`MosaicTpuConfig`:
+512 keys for head dims up to 128, clamped to the block). Every case records
+max |op - splash| of the outputs, so a fast wrong kernel shows. Cases run in order until
 `--time_budget_s`; the rest are listed in `skipped`. Timings are medians of
 `--reps` calls after a compiling one, fwd and fwd+bwd. The JSON (device,
 versions, shapes, times, ratios) goes to

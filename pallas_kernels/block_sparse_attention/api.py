@@ -165,13 +165,20 @@ def block_sparse_attention(
                                    causal_offset=offset)
   else:
     options = _backend_options(impl, interpret)
+    if impl == "mosaic_tpu":
+      advice = backend(impl).block_size_advice(
+          layout, jax.default_backend(), interpret)
+      if advice:
+        warnings.warn(advice, stacklevel=2)
     if layout.is_host and layout.kv_major is None:
       # Exact Qmax for the dK/dV lists while the layout is still on the host.
       layout = layout.with_kv_major()
-    if layout.is_host and impl == "xla":
-      # Rows of very different lengths are gathered in ranges of their own
-      # Kmax (static, from the host lists).
-      options += backend(impl).host_layout_options(layout)
+    if layout.is_host and impl in ("xla", "mosaic_tpu"):
+      # Static facts of the host lists: xla gathers rows of very different
+      # lengths in ranges of their own Kmax, mosaic_tpu sizes its grids by
+      # the listed blocks.
+      options += backend(impl).host_layout_options(layout, q.shape[2],
+                                                   k.shape[2])
     out, lse = _padded_attention((impl, options), spec, q, k, v, bias_k,
                                  q_segment_ids, kv_segment_ids, layout,
                                  offset)

@@ -1,25 +1,32 @@
 """Mosaic TPU kernels of block-sparse attention (forward, dQ, dK/dV).
 
-The layout's lists drive the pipelines through scalar prefetch: the grid is
-(batch x heads, rows, list slots) and each BlockSpec index_map reads the block
-id of the current slot from SMEM, so the pipeline DMAs exactly the listed
-blocks. Skipped slots (past a row's count, or hidden by the causal diagonal)
-repeat the id of the row's previous live slot, so the pipeline sees an
-unchanged block index and issues no copy, and the kernel body skips them.
+The layout's lists drive the pipelines through scalar prefetch. Each
+(batch, head) walks its rows as a list of steps, one per live (row, slot)
+pair, as splash attention's COO path does: the grid is (batch x heads,
+steps) and each BlockSpec index_map reads the row and block id of the
+current step from SMEM, so the pipeline DMAs exactly the listed blocks.
+Slots past a row's count and slots wholly above the causal diagonal are
+left out of the walk; a row with nothing listed keeps one skipped step, so
+its output (zeros, lse -inf) is still written. A host layout's walk is as
+long as its listed blocks (`host_layout_options`: a causal layout takes
+about half of Qb x Kmax steps); a traced one is Qb x Kmax steps long, the
+most its lists can hold, with the unused steps at the end doing nothing.
+Skipped steps repeat the previous block id, so the pipeline sees an
+unchanged block index and issues no copy.
 
-- forward and dQ: grid (B * Hq, Qb, Kmax) over `layout.kv_idx`; the output
-  block stays resident over the last ("arbitrary") axis while a flash
-  (online-softmax) state accumulates in VMEM scratch.
-- dK/dV(/d bias_k): grid (B * Hkv, Kb, G * Qmax) over the transposed lists;
-  the last axis walks the q heads of the GQA group one after the other, so
+- forward and dQ: the walk of `layout.kv_idx`; the output block stays
+  resident over its row's steps ("arbitrary" axis) while a flash
+  (online-softmax) state accumulates in VMEM scratch, initialised at the
+  row's first step and written at its last.
+- dK/dV(/d bias_k): per kv head, the walk of the transposed lists visits
+  each kv block's q heads of the GQA group (members) one after the other, so
   dK/dV of a kv head sum their contributions in VMEM: no atomics. Its tiles
   are [keys, queries] (k.q^T), so dV += P^T dO and dK += dS^T Q need no
   transpose of P or dS in VMEM.
 
-GQA reads the kv head h // G in the index maps (no K/V repeat). Slots wholly
-above the causal diagonal are skipped in the step lists (no DMA, no work).
-Full blocks the diagonal leaves whole do no mask work (unless segment ids are
-given); the others evaluate the op's causal and segment predicates, partial
+GQA reads the kv head h // G in the index maps (no K/V repeat). Full blocks
+the diagonal leaves whole do no mask work (unless segment ids are given);
+the others evaluate the op's causal and segment predicates, partial
 blocks also the layout's band and tile; the last kv block masks its padding
 keys when S is ragged.
 The running max and sum are lane-replicated [rows, 128] VMEM scratch, as in
@@ -63,6 +70,32 @@ NUM_SUBLANES = 8
 _SKIP = 0
 _TILED = 3
 _NT_DIMS = (((1,), (1,)), ((), ()))
+
+
+# Layout blocks below this many rows or keys run far below peak on TPU.
+_FAST_TPU_BLOCK = 512
+
+
+def block_size_advice(layout, platform: str, interpret) -> str | None:
+  """Why a layout's blocks will be slow on a TPU, or None.
+
+  Each grid step DMAs one (q block, kv block) pair and costs a fixed
+  overhead (about 0.35 us), so blocks of 128 spend most of a step waiting;
+  512-1024 is the sweet spot. Only said when compiling for a TPU.
+  """
+  if platform != "tpu" or interpret:
+    return None
+  small = min(layout.block_q, layout.block_kv)
+  if small >= _FAST_TPU_BLOCK:
+    return None
+  return (
+      f"block_sparse_attention on TPU with {layout.block_q}x"
+      f"{layout.block_kv} layout blocks: every grid step moves one block "
+      "pair and pays a fixed step overhead, so blocks under "
+      f"{_FAST_TPU_BLOCK} run well below the chip's peak. Build the layout "
+      f"with block_q = block_kv = {_FAST_TPU_BLOCK} or 1024 where the method "
+      "allows (the compute tile, MosaicTpuConfig.block_kv_compute, stays "
+      "128-512).")
 
 
 def unavailable_reason(platform: str, interpret) -> str | None:
@@ -141,20 +174,34 @@ def _smallest_int(max_value: int):
 
 @dataclasses.dataclass(frozen=True)
 class _Lists:
-  """Flattened step lists [Bl * Hl * R * W] living in SMEM.
+  """The steps of one launch's walk, flat [Bl * H' * N] arrays in SMEM.
 
-  `block` holds the block id of each slot, `code` the step code, `tile` the
-  pool tile each slot fetches (None without a pool).
+  Each (layout batch, list head) walks its N steps in order: step n visits
+  block `block[n]` of row `row[n]` (`member[n]` of the GQA group in the
+  dK/dV walk) with step code `code[n]` and pool tile `tile[n]`. `edge[n]`
+  flags the first and last step of a row and of a (row, member) run. Every
+  row (run) has at least one step, a skipped one when nothing is listed, so
+  its outputs are still written; steps past a walk's end repeat its last
+  row and block and do nothing.
   """
 
   block: jax.Array
   code: jax.Array
+  row: jax.Array
+  edge: jax.Array
+  member: jax.Array | None
   tile: jax.Array | None
-  width: int
+  steps: int  # N
+  heads: int  # H', list heads of the walk
 
   def arrays(self):
-    return (self.block, self.code) + (() if self.tile is None else
-                                      (self.tile,))
+    return ((self.block, self.code, self.row, self.edge)
+            + (() if self.member is None else (self.member,))
+            + (() if self.tile is None else (self.tile,)))
+
+
+# Bits of the edge flags.
+_FIRST_OF_ROW, _LAST_OF_ROW, _FIRST_OF_RUN, _LAST_OF_RUN = 1, 2, 4, 8
 
 
 def _hold(values, live):
@@ -170,47 +217,116 @@ def _hold(values, live):
                              axis=-1)
 
 
-def _step_lists(idx, cnt, kind, tile_idx, *, num_blocks: int,
-                num_tiles: int, hidden=None) -> _Lists:
-  """Step codes and fetch ids from layout-style lists [Bl, Hl, R, W].
+def walk_length(cnt, width: int, group: int = 1,
+                per_member: bool = False) -> int:
+  """Steps N of the longest walk over layout-style counts [Bl, Hl, R].
 
-  Slots past the count and `hidden` ones (bool [..., R, W], or None) are
-  skipped and fetch the row's previous block, so they cost no DMA.
+  Each (row, member) takes max(count, 1) steps (counts clipped to the list
+  width); `group` members share a list unless `per_member`, where
+  consecutive groups of Hl heads are the members of one list head.
+  """
+  steps = np.maximum(np.minimum(np.asarray(cnt), width), 1)
+  bl, hl, r = steps.shape
+  if per_member:
+    return int(steps.reshape(bl, hl // group, group * r).sum(-1).max())
+  return int(steps.sum(-1).max()) * group
+
+
+@_common.numpy_broadcasting
+def _walk(idx, cnt, kind, tile_idx, *, num_blocks: int, num_tiles,
+          steps: int | None, group: int = 1, per_member: bool = False,
+          hidden=None) -> _Lists:
+  """The step lists of layout-style lists [Bl, Hl, R, W].
+
+  Rows are walked in order, the `group` members of a row one after the
+  other (the q heads of a kv head in the dK/dV walk), and within a run its
+  live slots: those before the count and not `hidden` (bool [.., R, W]).
+  Dead slots are left out, so the walk is N <= R * G * W steps long
+  (`steps`, `walk_length` of a host layout; None: R * G * W).
+
+  Args:
+    idx, cnt, kind, tile_idx: the lists, counts, kinds and pool tiles.
+    num_blocks: block ids the lists address (for their int type).
+    num_tiles: the pool size, or None.
+    steps: static N, at least the longest walk.
+    group: G members per row.
+    per_member: Hl = H' * G heads, each the list of one member; else the
+      members share their head's list.
+    hidden: optional bool [Bl, Hl, R, W] slots to skip.
   """
   idx, cnt, kind = jnp.asarray(idx), jnp.asarray(cnt), jnp.asarray(kind)
-  width = idx.shape[-1]
-  slot = jnp.arange(width, dtype=jnp.int32)
-  live = slot < cnt[..., None]
+  bl, hl, r, w = idx.shape
+  live = jnp.arange(w, dtype=jnp.int32) < cnt[..., None]
   if hidden is not None:
     live = live & jnp.logical_not(hidden)
   code = jnp.where(live, kind.astype(jnp.int32), _SKIP)
-  tile = None
   if tile_idx is not None:
     tile_idx = jnp.asarray(tile_idx)
-    has_tile = live & (code == layout_lib.PARTIAL) & (tile_idx >= 0)
-    code = jnp.where(has_tile, _TILED, code)
-    # Slots without a tile re-fetch the row's previous tile, so the pool is
-    # only copied when the tile changes.
-    tile = jnp.maximum(_hold(tile_idx, has_tile), 0)
+    code = jnp.where(live & (code == layout_lib.PARTIAL) & (tile_idx >= 0),
+                     _TILED, code)
+  heads = hl // group if per_member else hl
+
+  def runs(x):  # [Bl, Hl, R, W] -> [Bl, H', R * G * W] in walk order
+    if per_member:
+      x = x.reshape(bl, heads, group, r, w)
+    else:
+      x = jnp.broadcast_to(x[:, :, None], (bl, hl, group, r, w))
+    return x.transpose(0, 1, 3, 2, 4).reshape(bl, heads, r * group * w)
+
+  live_w = runs(live)
+  slot_w = jnp.arange(r * group * w, dtype=jnp.int32)
+  # An empty run keeps its first slot as a skipped step.
+  empty = ~jnp.any(live_w.reshape(bl, heads, r * group, w), -1)
+  keep = live_w | (jnp.repeat(empty, w, axis=-1) & (slot_w % w == 0))
+  n = r * group * w if steps is None else steps
+  order = jnp.argsort(jnp.logical_not(keep), axis=-1, stable=True)[..., :n]
+  total = jnp.sum(keep, -1, keepdims=True)
+  valid = jnp.arange(n, dtype=jnp.int32) < total
+  pick = lambda x: jnp.take_along_axis(runs(x), order, axis=-1)
+  # Steps past the end stay on the last run (row R - 1, member G - 1).
+  run = jnp.where(valid, order // w, r * group - 1)
+  row = run // group
+  code = jnp.where(valid, pick(code), _SKIP)
+  active = code != _SKIP
+  edge = jnp.zeros_like(run)
+  for key, first, last in ((row, _FIRST_OF_ROW, _LAST_OF_ROW),
+                           (run, _FIRST_OF_RUN, _LAST_OF_RUN)):
+    prev = jnp.concatenate([jnp.full_like(key[..., :1], -1), key[..., :-1]],
+                           -1)
+    nxt = jnp.concatenate([key[..., 1:], jnp.full_like(key[..., :1], -1)],
+                          -1)
+    at_end = jnp.arange(n) == total - 1
+    edge += jnp.where(valid & (key != prev), first, 0)
+    edge += jnp.where(valid & ((key != nxt) | at_end), last, 0)
+  tile = None
+  if tile_idx is not None:
+    # Steps without a tile re-fetch the previous one: no copy.
+    tile = jnp.maximum(_hold(pick(tile_idx), code == _TILED), 0)
     tile = tile.reshape(-1).astype(_smallest_int(num_tiles - 1))
-  idx = _hold(idx, live)
-  return _Lists(idx.reshape(-1).astype(_smallest_int(num_blocks - 1)),
-                code.reshape(-1).astype(np.int8), tile, width)
+  flat = lambda x, top: x.reshape(-1).astype(_smallest_int(top))
+  return _Lists(
+      block=flat(_hold(pick(idx), active), num_blocks - 1),
+      code=code.reshape(-1).astype(np.int8), row=flat(row, r - 1),
+      edge=edge.reshape(-1).astype(np.int8),
+      member=flat(run % group, group - 1) if group > 1 else None,
+      tile=tile, steps=n, heads=heads)
 
 
-def prefetch_bytes(list_shape, *, num_blocks: int,
-                   num_tiles: int | None) -> int:
-  """SMEM bytes of the step lists of a [Bl, Hl, R, W] layout slice.
+def prefetch_bytes(num_steps: int, *, num_blocks: int, num_rows: int,
+                   num_tiles: int | None, members: int = 1) -> int:
+  """SMEM bytes of `num_steps` walk steps (`_Lists`).
 
-  Each list is one flat array (block ids in the smallest int type that holds
-  `num_blocks - 1`, int8 step codes, tile ids when a pool is used), padded to
+  Block ids, row ids, members and tile ids each in the smallest int type
+  that holds them, int8 step codes and edge flags, each array padded to
   whole 32-bit SMEM words.
   """
-  n = math.prod(list_shape)
-  sizes = [np.dtype(_smallest_int(num_blocks - 1)).itemsize, 1]
+  sizes = [np.dtype(_smallest_int(num_blocks - 1)).itemsize, 1,
+           np.dtype(_smallest_int(num_rows - 1)).itemsize, 1]
+  if members > 1:
+    sizes.append(np.dtype(_smallest_int(members - 1)).itemsize)
   if num_tiles is not None:
     sizes.append(np.dtype(_smallest_int(num_tiles - 1)).itemsize)
-  return sum(-(-n * s // 4) * 4 for s in sizes)
+  return sum(-(-num_steps * s // 4) * 4 for s in sizes)
 
 
 # -- kernels -------------------------------------------------------------------
@@ -234,7 +350,8 @@ class _Kernel:
   geo: _Geometry
   spec: tile_math.MaskSpec
   has_bias: bool
-  list_width: int
+  steps: int  # N, steps of each walk
+  list_heads: int  # H', heads of the walk's lists
   kv_rows: bool = False
 
   @property
@@ -262,7 +379,33 @@ def _input_names(kern: _Kernel, *, backward: bool):
 
 
 def _prefetch_names(kern: _Kernel):
-  return ["block", "code"] + (["tile_id"] if kern.has_tiles else [])
+  members = kern.kv_rows and kern.geo.group > 1
+  return (["block", "code", "row", "edge"] + (["member"] if members else [])
+          + (["tile_id"] if kern.has_tiles else []))
+
+
+def _walk_slot(kern: _Kernel, b, h, n):
+  """Flat index of step n of the walk read by (batch b, grid head h).
+
+  Grid heads are q heads for the forward and dQ walks (their list head is
+  the layout's), kv heads for the dK/dV walk (list heads 1 or Hkv).
+  """
+  geo = kern.geo
+  lb = b if geo.layout_batch > 1 else 0
+  if kern.kv_rows:
+    lh = h if kern.list_heads > 1 else 0
+  else:
+    lb, lh = geo.layout_entry(b, h)
+  return (lb * kern.list_heads + lh) * kern.steps + n
+
+
+def _step(kern: _Kernel, refs, b, h, n):
+  """(row, block, code, edge, member) of step n from the prefetch refs."""
+  r = dict(zip(_prefetch_names(kern), refs))
+  slot = _walk_slot(kern, b, h, n)
+  read = lambda name: r[name][slot].astype(jnp.int32)
+  member = read("member") if "member" in r else 0
+  return read("row"), read("block"), read("code"), read("edge"), member
 
 
 def _key_slice(kern: _Kernel, ref, keys):
@@ -339,17 +482,20 @@ def _run_steps(kern: _Kernel, r, code, q_block, kv_block, step):
   pl.when(listed & jnp.logical_not(needs_mask))(lambda: step(False))
 
 
+def _flag(edge, bit):
+  return (edge & bit) != 0
+
+
 def _fwd_kernel(*refs, kern: _Kernel):
-  names = (_prefetch_names(kern) + _input_names(kern, backward=False)
+  prefetch = _prefetch_names(kern)
+  names = (prefetch + _input_names(kern, backward=False)
            + ["out", "lse_out", "m", "l", "acc"])
   r = _unpack(refs, names)
   geo = kern.geo
-  b, h, i, j = _grid_ids(geo.num_q_heads)
-  slot = _list_slot(kern, geo.num_q_blocks, b, h, i, j)
-  kv_block = r["block"][slot].astype(jnp.int32)
-  code = r["code"][slot].astype(jnp.int32)
+  b, h, n = _grid_ids(geo.num_q_heads)
+  i, kv_block, code, edge, _ = _step(kern, refs[:len(prefetch)], b, h, n)
 
-  @pl.when(j == 0)
+  @pl.when(_flag(edge, _FIRST_OF_ROW))
   def _init():
     r["m"][...] = jnp.full_like(r["m"], -jnp.inf)
     r["l"][...] = jnp.zeros_like(r["l"])
@@ -371,18 +517,12 @@ def _fwd_kernel(*refs, kern: _Kernel):
 
   _run_steps(kern, r, code, i, kv_block, step)
 
-  @pl.when(j == kern.list_width - 1)
+  @pl.when(_flag(edge, _LAST_OF_ROW))
   def _finish():
     out, lse = tile_math.online_softmax_finish(
         r["m"][:, :1], r["l"][:, :1], r["acc"][...])
     r["out"][...] = out.astype(r["out"].dtype)
     r["lse_out"][...] = lse
-
-
-def _list_slot(kern: _Kernel, rows: int, b, h, row, j):
-  """Flat index of list slot j of `row` for q head h of batch b."""
-  lb, lh = kern.geo.layout_entry(b, h)
-  return ((lb * kern.geo.layout_heads + lh) * rows + row) * kern.list_width + j
 
 
 def _bwd_tile(kern: _Kernel, r, q, do, chunk, code, q_block, kv_block,
@@ -398,16 +538,14 @@ def _bwd_tile(kern: _Kernel, r, q, do, chunk, code, q_block, kv_block,
 
 
 def _dq_kernel(*refs, kern: _Kernel):
-  names = (_prefetch_names(kern) + _input_names(kern, backward=True)
-           + ["dq", "dq_acc"])
+  prefetch = _prefetch_names(kern)
+  names = prefetch + _input_names(kern, backward=True) + ["dq", "dq_acc"]
   r = _unpack(refs, names)
   geo = kern.geo
-  b, h, i, j = _grid_ids(geo.num_q_heads)
-  slot = _list_slot(kern, geo.num_q_blocks, b, h, i, j)
-  kv_block = r["block"][slot].astype(jnp.int32)
-  code = r["code"][slot].astype(jnp.int32)
+  b, h, n = _grid_ids(geo.num_q_heads)
+  i, kv_block, code, edge, _ = _step(kern, refs[:len(prefetch)], b, h, n)
 
-  @pl.when(j == 0)
+  @pl.when(_flag(edge, _FIRST_OF_ROW))
   def _init():
     r["dq_acc"][...] = jnp.zeros_like(r["dq_acc"])
 
@@ -422,32 +560,29 @@ def _dq_kernel(*refs, kern: _Kernel):
 
   _run_steps(kern, r, code, i, kv_block, step)
 
-  @pl.when(j == kern.list_width - 1)
+  @pl.when(_flag(edge, _LAST_OF_ROW))
   def _finish():
     r["dq"][...] = r["dq_acc"][...].astype(r["dq"].dtype)
 
 
 def _dkv_kernel(*refs, kern: _Kernel):
-  names = (_prefetch_names(kern) + _input_names(kern, backward=True)
+  prefetch = _prefetch_names(kern)
+  names = (prefetch + _input_names(kern, backward=True)
            + ["dk", "dv"] + (["dbias"] if kern.has_bias else [])
            + ["dk_acc", "dv_acc"] + (["dbias_acc"] if kern.has_bias else []))
   r = _unpack(refs, names)
-  geo, width = kern.geo, kern.list_width
-  b, hk, kb, a = _grid_ids(geo.num_kv_heads)
-  member, j = lax.div(a, width), lax.rem(a, width)
-  slot = _list_slot(kern, geo.num_kv_blocks, b, hk * geo.group + member, kb,
-                    j)
-  q_block = r["block"][slot].astype(jnp.int32)
-  code = r["code"][slot].astype(jnp.int32)
+  geo = kern.geo
+  b, hk, n = _grid_ids(geo.num_kv_heads)
+  kb, q_block, code, edge, _ = _step(kern, refs[:len(prefetch)], b, hk, n)
 
-  @pl.when(a == 0)
+  @pl.when(_flag(edge, _FIRST_OF_ROW))
   def _init():
     r["dk_acc"][...] = jnp.zeros_like(r["dk_acc"])
     r["dv_acc"][...] = jnp.zeros_like(r["dv_acc"])
 
   if kern.has_bias:
     # d bias_k is kept per q head: its block moves with the group member.
-    @pl.when(j == 0)
+    @pl.when(_flag(edge, _FIRST_OF_RUN))
     def _init_bias():
       r["dbias_acc"][...] = jnp.zeros_like(r["dbias_acc"])
 
@@ -469,11 +604,11 @@ def _dkv_kernel(*refs, kern: _Kernel):
   _run_steps(kern, r, code, q_block, kb, step)
 
   if kern.has_bias:
-    @pl.when(j == width - 1)
+    @pl.when(_flag(edge, _LAST_OF_RUN))
     def _finish_bias():
       r["dbias"][...] = r["dbias_acc"][...]
 
-  @pl.when(a == geo.group * width - 1)
+  @pl.when(_flag(edge, _LAST_OF_ROW))
   def _finish():
     r["dk"][...] = r["dk_acc"][...].astype(r["dk"].dtype)
     r["dv"][...] = r["dv_acc"][...].astype(r["dv"].dtype)
@@ -483,20 +618,19 @@ def _dkv_kernel(*refs, kern: _Kernel):
 
 
 def _grid_ids(heads: int):
-  """(batch, head, row, slot) of the current step of a fused grid."""
+  """(batch, head, step) of the current step of a fused grid."""
   bh = pl.program_id(0)
-  return (lax.div(bh, heads), lax.rem(bh, heads), pl.program_id(1),
-          pl.program_id(2))
+  return lax.div(bh, heads), lax.rem(bh, heads), pl.program_id(1)
 
 
 def _fuse_batch_heads(spec, heads: int):
-  """Moves `spec` from the (b, h, row, slot) to the (b * heads + h, ..) grid."""
+  """Moves `spec` from the (b, h, step) to the (b * heads + h, step) grid."""
   if spec.index_map is None:
     return spec
   index_map = spec.index_map
 
-  def fused(bh, i, j, *refs):
-    return index_map(lax.div(bh, heads), lax.rem(bh, heads), i, j, *refs)
+  def fused(bh, n, *refs):
+    return index_map(lax.div(bh, heads), lax.rem(bh, heads), n, *refs)
 
   return dataclasses.replace(spec, index_map=fused)
 
@@ -505,20 +639,22 @@ def _call(kernel, kern: _Kernel, *, grid, in_specs, out_specs, out_shape,
           scratch_shapes, cfg: config_lib.MosaicTpuConfig, interpret, name):
   """pallas_call with a TPU grid spec; interpret None picks by platform.
 
-  The specs index a (batch, heads, rows, slots) `grid`; the launch fuses
-  batch and heads into the leading parallel axis, which megacore chips
-  split over their two TensorCores (the batch alone is often 1).
+  The specs index a (batch, heads, steps) `grid`; the launch fuses batch
+  and heads into the leading parallel axis, which megacore chips split over
+  their two TensorCores (the batch alone is often 1). The steps axis walks
+  rows one after the other, each output block resident over its row's
+  steps, so it is "arbitrary".
   """
-  batch, heads, rows, slots = grid
+  batch, heads, steps = grid
   fuse = lambda specs: jax.tree.map(
       lambda spec: _fuse_batch_heads(spec, heads), specs,
       is_leaf=lambda x: isinstance(x, pl.BlockSpec))
   grid_spec = pltpu.PrefetchScalarGridSpec(
       num_scalar_prefetch=len(_prefetch_names(kern)),
-      grid=(batch * heads, rows, slots), in_specs=fuse(in_specs),
+      grid=(batch * heads, steps), in_specs=fuse(in_specs),
       out_specs=fuse(out_specs), scratch_shapes=scratch_shapes)
   params = pltpu.CompilerParams(
-      dimension_semantics=("parallel", "parallel", "arbitrary"),
+      dimension_semantics=("parallel", "arbitrary"),
       vmem_limit_bytes=cfg.vmem_limit(_vmem_capacity()))
 
   def run(interpret_mode, *args):
@@ -659,18 +795,25 @@ def _segment_specs(kern: _Kernel, q_index, kv_index):
           pl.BlockSpec((None, NUM_SUBLANES, geo.block_kv), kv_seg_map)]
 
 
-def _row_index(kern: _Kernel, rows: int):
-  """Index-map helpers reading (block, tile) of the current q-major slot."""
+def _step_field(kern: _Kernel, name: str):
+  """Index-map helper: field `name` of step n (`_Lists`) as an int32."""
 
-  def block(b, h, i, j, block_ref, code_ref, *tile_ref):
-    del code_ref, tile_ref
-    return block_ref[_list_slot(kern, rows, b, h, i, j)].astype(jnp.int32)
+  def read(b, h, n, *refs):
+    r = dict(zip(_prefetch_names(kern), refs))
+    return r[name][_walk_slot(kern, b, h, n)].astype(jnp.int32)
 
-  def tile(b, h, i, j, block_ref, code_ref, tile_ref):
-    del block_ref, code_ref
-    return tile_ref[_list_slot(kern, rows, b, h, i, j)].astype(jnp.int32)
+  return read
 
-  return block, tile
+
+def _row_walk_maps(kern: _Kernel):
+  """(q_index, kv_index, tile_index, out_map) of a forward / dQ walk."""
+  geo = kern.geo
+  row, block = _step_field(kern, "row"), _step_field(kern, "block")
+  q_index = lambda b, h, n, *refs: (b, h, row(b, h, n, *refs))
+  kv_index = lambda b, h, n, *refs: (b, geo.kv_head(h),
+                                     block(b, h, n, *refs))
+  out_map = lambda b, h, n, *refs: (b, h, row(b, h, n, *refs), 0)
+  return q_index, kv_index, _step_field(kern, "tile_id"), out_map
 
 
 def _forward_slice(q, k, v, bias, q_seg, kv_seg, lists: _Lists, tiles, spec,
@@ -678,14 +821,10 @@ def _forward_slice(q, k, v, bias, q_seg, kv_seg, lists: _Lists, tiles, spec,
                    causal_offset):
   """One launch of the forward kernel; shapes as `forward`."""
   geo = _geometry_of(q, k, bias, layout_shape, block_kv_compute)
-  kern = _Kernel(geo, spec, bias is not None, lists.width)
-  block, tile = _row_index(kern, geo.num_q_blocks)
-  q_index = lambda b, h, i, j, *refs: (b, h, i)
-  kv_index = lambda b, h, i, j, *refs: (b, geo.kv_head(h),
-                                        block(b, h, i, j, *refs))
+  kern = _Kernel(geo, spec, bias is not None, lists.steps, lists.heads)
+  q_index, kv_index, tile, out_map = _row_walk_maps(kern)
   in_specs = _specs(kern, q_index, kv_index, tile, backward=False)
-  out_map = lambda b, h, i, j, *refs: (b, h, i, 0)
-  grid = (geo.batch, geo.num_q_heads, geo.num_q_blocks, lists.width)
+  grid = (geo.batch, geo.num_q_heads, lists.steps)
   tp = geo.num_q_blocks * geo.block_q
   out, lse = _call(
       _fwd_kernel, kern, grid=grid, in_specs=in_specs,
@@ -738,16 +877,11 @@ def _backward_slice(q, k, v, bias, q_seg, kv_seg, lists: _Lists,
                       causal_offset)
             + [dout_t] + [_row_stat(kern, x) for x in (lse, delta)])
 
-  # dQ over the forward lists.
-  kern = _Kernel(geo, spec, has_bias, lists.width)
-  block, tile = _row_index(kern, geo.num_q_blocks)
-  q_index = lambda b, h, i, j, *refs: (b, h, i)
-  kv_index = lambda b, h, i, j, *refs: (b, geo.kv_head(h),
-                                        block(b, h, i, j, *refs))
-  out_map = lambda b, h, i, j, *refs: (b, h, i, 0)
+  # dQ over the forward walk.
+  kern = _Kernel(geo, spec, has_bias, lists.steps, lists.heads)
+  q_index, kv_index, tile, out_map = _row_walk_maps(kern)
   dq = _call(
-      _dq_kernel, kern,
-      grid=(geo.batch, geo.num_q_heads, geo.num_q_blocks, lists.width),
+      _dq_kernel, kern, grid=(geo.batch, geo.num_q_heads, lists.steps),
       in_specs=_specs(kern, q_index, kv_index, tile, backward=True),
       out_specs=pl.BlockSpec((None, None, geo.block_q, d), out_map),
       out_shape=jax.ShapeDtypeStruct((geo.batch, geo.num_q_heads, tp, d),
@@ -756,44 +890,32 @@ def _backward_slice(q, k, v, bias, q_seg, kv_seg, lists: _Lists,
       cfg=cfg, interpret=interpret, name="block_sparse_attention_dq",
   )(*lists.arrays(), *operands(kern))
 
-  # dK/dV over the transposed lists; the last grid axis walks the q heads of
-  # the kv head's group (member = a // Qmax) and their list slots.
-  kern_t = _Kernel(geo, spec, has_bias, lists_t.width, kv_rows=True)
-  width = lists_t.width
-
-  def member_slot(b, hk, kb, a, block_ref, code_ref, *tile_ref):
-    del code_ref
-    h = hk * geo.group + lax.div(a, width)
-    slot = _list_slot(kern_t, geo.num_kv_blocks, b, h, kb, lax.rem(a, width))
-    return h, block_ref, tile_ref, slot
-
-  def q_index_t(*ix):
-    h, block_ref, _, slot = member_slot(*ix)
-    return ix[0], h, block_ref[slot].astype(jnp.int32)
-
-  def tile_t(*ix):
-    _, _, tile_ref, slot = member_slot(*ix)
-    return tile_ref[0][slot].astype(jnp.int32)
-
-  kv_index_t = lambda b, hk, kb, a, *refs: (b, hk, kb)
-  kv_out = lambda b, hk, kb, a, *refs: (b, hk, kb, 0)
+  # dK/dV over the transposed walk: per kv head, each kv block's steps walk
+  # the q heads of its group (members) one after the other.
+  kern_t = _Kernel(geo, spec, has_bias, lists_t.steps, lists_t.heads,
+                   kv_rows=True)
+  row, block = _step_field(kern_t, "row"), _step_field(kern_t, "block")
+  member = (_step_field(kern_t, "member") if geo.group > 1
+            else lambda *ix: 0)
+  q_head = lambda b, hk, n, *refs: hk * geo.group + member(b, hk, n, *refs)
+  q_index_t = lambda *ix: (ix[0], q_head(*ix), block(*ix))
+  kv_index_t = lambda *ix: (ix[0], ix[1], row(*ix))
+  kv_out = lambda *ix: (ix[0], ix[1], row(*ix), 0)
   out_specs = [pl.BlockSpec((None, None, geo.block_kv, d), kv_out)] * 2
   out_shape = [jax.ShapeDtypeStruct(
       (geo.batch, geo.num_kv_heads, sp, d), x.dtype) for x in (k, v)]
   scratch = [pltpu.VMEM((geo.block_kv, d), jnp.float32)] * 2
   if has_bias:
-    def dbias_map(*ix):
-      _, h, _ = q_index_t(*ix)
-      return ix[0], h, ix[2], 0
+    dbias_map = lambda *ix: (ix[0], q_head(*ix), row(*ix), 0)
     out_specs.append(pl.BlockSpec((None, None, geo.block_kv, 1), dbias_map))
     out_shape.append(jax.ShapeDtypeStruct(
         (geo.batch, geo.num_q_heads, sp, 1), jnp.float32))
     scratch.append(pltpu.VMEM((geo.block_kv, 1), jnp.float32))
   grads = _call(
       _dkv_kernel, kern_t,
-      grid=(geo.batch, geo.num_kv_heads, geo.num_kv_blocks,
-            geo.group * width),
-      in_specs=_specs(kern_t, q_index_t, kv_index_t, tile_t, backward=True),
+      grid=(geo.batch, geo.num_kv_heads, lists_t.steps),
+      in_specs=_specs(kern_t, q_index_t, kv_index_t,
+                      _step_field(kern_t, "tile_id"), backward=True),
       out_specs=out_specs, out_shape=out_shape, scratch_shapes=scratch,
       cfg=cfg, interpret=interpret, name="block_sparse_attention_dkv",
   )(*lists_t.arrays(), *operands(kern_t))
@@ -809,16 +931,45 @@ def _divisors(n: int) -> list[int]:
   return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _plan_split(batch: int, num_kv_heads: int, list_shapes, *,
-                num_blocks, num_tiles, budget: int, what: str):
+@dataclasses.dataclass(frozen=True)
+class _WalkSize:
+  """Static size of one walk's step lists, for the SMEM budget."""
+
+  batch: int  # Bl
+  heads: int  # H'
+  steps: int  # N
+  num_blocks: int  # block ids addressed
+  num_rows: int
+  members: int
+
+
+def _per_member(layout_heads: int, num_q_heads: int, group: int) -> bool:
+  """Whether the dK/dV walk's members (q heads) have lists of their own."""
+  return group > 1 and layout_heads == num_q_heads
+
+
+def _walks(layout, num_q_heads: int, group: int, num_steps
+           ) -> list[_WalkSize]:
+  """Sizes of the forward / dQ walk and of the dK/dV walk of `layout`."""
+  bl, hl, qb, kmax = layout.kv_idx.shape
+  kb = layout.num_kv_blocks
+  qmax = layout.kv_major_view().q_idx.shape[-1]
+  per_member = _per_member(hl, num_q_heads, group)
+  heads_t = hl // group if per_member else hl
+  fwd, dkv = num_steps or (qb * kmax, kb * group * qmax)
+  return [_WalkSize(bl, hl, fwd, kb, qb, 1),
+          _WalkSize(bl, heads_t, dkv, qb, kb, group)]
+
+
+def _plan_split(batch: int, num_kv_heads: int, walks, *, num_tiles,
+                budget: int, what: str):
   """Fewest (batch chunks, kv-head chunks) whose step lists fit in SMEM.
 
   Args:
     batch: B.
     num_kv_heads: Hkv.
-    list_shapes: [Bl, Hl, R, W] shapes of the lists one launch prefetches
-      (the largest of them must fit).
-    num_blocks: per list, the number of block ids it addresses.
+    walks: `_WalkSize`s of the walks one launch prefetches (the largest of
+      them must fit).
     num_tiles: the tile pool size, or None.
     budget: SMEM bytes allowed for one launch's lists.
     what: name of the pass, for the error message.
@@ -829,23 +980,24 @@ def _plan_split(batch: int, num_kv_heads: int, list_shapes, *,
   Raises:
     ValueError: when even one (batch, kv head) slice does not fit.
   """
-  bl, hl = list_shapes[0][:2]
+  bl, hl = walks[0].batch, walks[0].heads
   options = itertools.product(_divisors(batch) if bl > 1 else [1],
                               _divisors(num_kv_heads) if hl > 1 else [1])
 
   def need(nb, nh):
-    return max(prefetch_bytes((bl // nb, hl // nh, *shape[2:]),
-                              num_blocks=blocks, num_tiles=num_tiles)
-               for shape, blocks in zip(list_shapes, num_blocks))
+    return max(prefetch_bytes(
+        max(w.batch // nb, 1) * max(w.heads // nh, 1) * w.steps,
+        num_blocks=w.num_blocks, num_rows=w.num_rows, num_tiles=num_tiles,
+        members=w.members) for w in walks)
 
   for nb, nh in sorted(options, key=lambda o: (o[0] * o[1], o[0])):
     if need(nb, nh) <= budget:
       return nb, nh
   smallest = need(batch if bl > 1 else 1, num_kv_heads if hl > 1 else 1)
   raise ValueError(
-      f"mosaic_tpu {what}: the scalar-prefetched block lists of one "
-      f"(batch, kv head) slice need {smallest} bytes of SMEM (lists "
-      f"{[tuple(s) for s in list_shapes]}), over the budget of {budget} "
+      f"mosaic_tpu {what}: the scalar-prefetched step lists of one "
+      f"(batch, kv head) slice need {smallest} bytes of SMEM (walks of "
+      f"{[w.steps for w in walks]} steps), over the budget of {budget} "
       "bytes (MosaicTpuConfig.smem_budget_bytes). Use larger layout blocks "
       "(fewer query/kv blocks), a smaller max_kv_blocks, or raise the "
       "budget on chips with more SMEM.")
@@ -909,16 +1061,39 @@ def _num_tiles(layout):
 
 
 def _layout_lists(layout, spec, causal_offset, idx, cnt, kind, tile_idx, *,
-                  rows_are_q: bool) -> _Lists:
-  """Step lists of a forward (`rows_are_q`) or transposed list slice."""
+                  rows_are_q: bool, steps: int | None, group: int = 1,
+                  per_member: bool = False) -> _Lists:
+  """The walk of a forward (`rows_are_q`) or transposed list slice.
+
+  The transposed walk visits the `group` q heads of each kv head per kv
+  block; `per_member`: its lists are per q head (Hl = Hq).
+  """
   hidden = None
   if spec.causal:
     hidden = tile_math.causal_hidden_blocks(
         jnp.asarray(idx), causal_offset, rows_are_q=rows_are_q,
         block_q=layout.block_q, block_kv=layout.block_kv)
-  return _step_lists(
+  return _walk(
       idx, cnt, kind, tile_idx, num_tiles=_num_tiles(layout), hidden=hidden,
-      num_blocks=layout.num_kv_blocks if rows_are_q else layout.num_q_blocks)
+      num_blocks=layout.num_kv_blocks if rows_are_q else layout.num_q_blocks,
+      steps=steps, group=group, per_member=per_member)
+
+
+def host_layout_options(layout, num_q_heads: int, num_kv_heads: int
+                        ) -> tuple[tuple[str, object], ...]:
+  """Static options of a host layout: the exact lengths of its walks.
+
+  Rows are walked as lists of their live slots (COO), so the grids of a
+  causal or otherwise ragged layout are sized by its listed blocks, not by
+  Qb x Kmax: (("num_steps", (forward / dQ steps, dK/dV steps)),).
+  """
+  group = num_q_heads // num_kv_heads
+  layout_t = layout.kv_major_view()
+  per_member = _per_member(layout.num_heads, num_q_heads, group)
+  return (("num_steps", (
+      walk_length(layout.kv_cnt, layout.max_kv_blocks),
+      walk_length(layout_t.q_cnt, layout_t.q_idx.shape[-1], group,
+                  per_member))),)
 
 
 # -- public entry points (called by api.py) ------------------------------------
@@ -926,7 +1101,7 @@ def _layout_lists(layout, spec, causal_offset, idx, cnt, kind, tile_idx, *,
 
 @_common.numpy_broadcasting
 def forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, *,
-            causal_offset=None, config=None, interpret=None):
+            causal_offset=None, config=None, interpret=None, num_steps=None):
   """Forward pass on block-padded inputs.
 
   Args:
@@ -942,6 +1117,9 @@ def forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, *,
     config: a `MosaicTpuConfig`; default `MosaicTpuConfig.get_default()`.
     interpret: None runs Mosaic on TPU and the interpreter elsewhere; True or
       a `pltpu.InterpretParams` forces interpret mode, False forces Mosaic.
+    num_steps: optional static (forward, dK/dV) walk lengths of a host
+      layout (`host_layout_options`); None walks Qb * Kmax (Kb * G * Qmax)
+      steps, the most a traced layout can list.
 
   Returns:
     out [B, Tp, Hq, D] in q's dtype and lse f32 [B, Hq, Tp] (-inf for rows
@@ -954,13 +1132,13 @@ def forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, *,
   cfg = config or config_lib.MosaicTpuConfig.get_default()
   tile = _compute_tile(cfg, layout.block_kv, q.shape[-1])
   num_tiles = _num_tiles(layout)
-  split = _plan_split(q.shape[0], k.shape[2], [layout.kv_idx.shape],
-                      num_blocks=[layout.num_kv_blocks], num_tiles=num_tiles,
+  walks = _walks(layout, q.shape[2], q.shape[2] // k.shape[2], num_steps)
+  split = _plan_split(q.shape[0], k.shape[2], walks[:1], num_tiles=num_tiles,
                       budget=cfg.smem_budget_bytes, what="forward")
 
   def run(q, k, v, bias, q_seg, kv_seg, idx, cnt, kind, tile_idx):
     lists = _layout_lists(layout, spec, causal_offset, idx, cnt, kind,
-                          tile_idx, rows_are_q=True)
+                          tile_idx, rows_are_q=True, steps=walks[0].steps)
     shape = (idx.shape[0], idx.shape[1], layout.block_q, layout.block_kv,
              layout.num_kv_blocks)
     return _forward_slice(q, k, v, bias, q_seg, kv_seg, lists, layout.tiles,
@@ -973,7 +1151,8 @@ def forward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, *,
 
 @_common.numpy_broadcasting
 def backward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, out, lse, dout,
-             dlse, *, causal_offset=None, config=None, interpret=None):
+             dlse, *, causal_offset=None, config=None, interpret=None,
+             num_steps=None):
   """Gradients of `forward` with respect to q, k, v and bias_k.
 
   Args:
@@ -982,9 +1161,7 @@ def backward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, out, lse, dout,
     lse: f32 [B, Hq, Tp] forward log-sum-exp.
     dout: [B, Tp, Hq, D] output cotangent.
     dlse: f32 [B, Hq, Tp] cotangent of the log-sum-exp.
-    causal_offset: as `forward`.
-    config: as `forward`.
-    interpret: as `forward`.
+    causal_offset, config, interpret, num_steps: as `forward`.
 
   Returns:
     dq [B, Tp, Hq, D], dk and dv [B, Sp, Hkv, D], and d bias_k in bias_k's
@@ -994,17 +1171,20 @@ def backward(q, k, v, bias_k, q_seg, kv_seg, layout, spec, out, lse, dout,
   tile = _compute_tile(cfg, layout.block_kv, q.shape[-1])
   num_tiles = _num_tiles(layout)
   layout_t = layout.kv_major_view()
-  split = _plan_split(
-      q.shape[0], k.shape[2], [layout.kv_idx.shape, layout_t.q_idx.shape],
-      num_blocks=[layout.num_kv_blocks, layout.num_q_blocks],
-      num_tiles=num_tiles, budget=cfg.smem_budget_bytes, what="backward")
+  group = q.shape[2] // k.shape[2]
+  walks = _walks(layout, q.shape[2], group, num_steps)
+  split = _plan_split(q.shape[0], k.shape[2], walks, num_tiles=num_tiles,
+                      budget=cfg.smem_budget_bytes, what="backward")
 
   def run(q, k, v, bias, q_seg, kv_seg, out, lse, dout, dlse, idx, cnt, kind,
           tile_idx, idx_t, cnt_t, kind_t, tile_idx_t):
     lists = _layout_lists(layout, spec, causal_offset, idx, cnt, kind,
-                          tile_idx, rows_are_q=True)
+                          tile_idx, rows_are_q=True, steps=walks[0].steps)
     lists_t = _layout_lists(layout, spec, causal_offset, idx_t, cnt_t,
-                            kind_t, tile_idx_t, rows_are_q=False)
+                            kind_t, tile_idx_t, rows_are_q=False,
+                            steps=walks[1].steps, group=group,
+                            per_member=_per_member(idx.shape[1], q.shape[2],
+                                                   group))
     shape = (idx.shape[0], idx.shape[1], layout.block_q, layout.block_kv,
              layout.num_kv_blocks)
     return _backward_slice(q, k, v, bias, q_seg, kv_seg, lists, lists_t,

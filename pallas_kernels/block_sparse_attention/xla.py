@@ -257,8 +257,11 @@ def _chunk_layout(layout, lists):
 _MAX_ROW_SPLITS = 4
 
 
-def host_layout_options(layout) -> tuple[tuple[str, object], ...]:
+def host_layout_options(layout, num_q_heads: int = 0, num_kv_heads: int = 0
+                        ) -> tuple[tuple[str, object], ...]:
   """Static options of a host layout: its row splits, when they pay.
+
+  The head counts are unused (they matter to mosaic_tpu's options).
 
   The gather pays Kmax slots on every query block, so a layout whose rows
   differ in length (causal-like masks, MoA's head spans) wastes the gap. A
@@ -269,6 +272,7 @@ def host_layout_options(layout) -> tuple[tuple[str, object], ...]:
   Returns:
     (("row_splits", ((first, stop, kmax), ...)),) or ().
   """
+  del num_q_heads, num_kv_heads
   counts = np.asarray(layout.kv_cnt).reshape(-1, layout.num_q_blocks)
   counts = counts.max(0)
   bounds = np.linspace(0, layout.num_q_blocks,

@@ -104,31 +104,73 @@ def _padded_problem(b, t, s, hq, hkv, d, *, bias_shape=None, causal=False):
 
 
 class StepListTest(absltest.TestCase):
-  """Slots the causal diagonal hides are skipped and cost no DMA."""
+  """Rows are walked as lists of their live slots (COO)."""
 
-  def test_causal_slots_are_skipped_and_hold_the_previous_block(self):
+  def _walk(self, idx, cnt, kind, rows_are_q, causal=True, **kwargs):
+    layout = BlockLayout.dense(128, 128, block_q=32, block_kv=32)
+    spec = _padded_problem(1, 128, 128, 1, 1, 8)[-1]
+    spec = dataclasses.replace(spec, causal=causal)
+    with jax.numpy_rank_promotion("allow"):
+      out = pallas_mosaic_tpu._layout_lists(
+          layout, spec, jnp.int32(0), idx, cnt, kind, None,
+          rows_are_q=rows_are_q, **kwargs)
+    return {name: np.asarray(getattr(out, name))
+            for name in ("row", "block", "code", "edge")}
+
+  def test_causal_walks_skip_hidden_slots(self):
     layout = BlockLayout.dense(128, 128, block_q=32, block_kv=32)
     lt = layout.transpose()
-    spec = _padded_problem(1, 128, 128, 1, 1, 8)[-1]
-    spec = dataclasses.replace(spec, causal=True)
-    i, j = np.arange(4)[:, None], np.arange(4)[None, :]
+    first, last = (pallas_mosaic_tpu._FIRST_OF_ROW | pallas_mosaic_tpu.
+                   _FIRST_OF_RUN), (pallas_mosaic_tpu._LAST_OF_ROW
+                                    | pallas_mosaic_tpu._LAST_OF_RUN)
+    # Forward: q block i walks kv blocks 0..i, 10 of the 16 slots; the
+    # rest of the 16 steps stay on the last row and block, doing nothing.
+    walk = self._walk(layout.kv_idx, layout.kv_cnt, layout.kv_kind, True,
+                      steps=None)
+    np.testing.assert_array_equal(
+        walk["row"], [0, 1, 1, 2, 2, 2, 3, 3, 3, 3] + [3] * 6)
+    np.testing.assert_array_equal(
+        walk["block"], [0, 0, 1, 0, 1, 2, 0, 1, 2, 3] + [3] * 6)
+    np.testing.assert_array_equal(walk["code"], [2] * 10 + [0] * 6)
+    starts, ends = [0, 1, 3, 6], [0, 2, 5, 9]
+    for n, edge in enumerate(walk["edge"]):
+      want = (first if n in starts else 0) | (last if n in ends else 0)
+      self.assertEqual(edge, want, f"step {n}")
+    # Transposed: kv block i is walked by q blocks i..3.
+    walk = self._walk(lt.q_idx, lt.q_cnt, lt.q_kind, False, steps=10)
+    np.testing.assert_array_equal(walk["row"],
+                                  [0, 0, 0, 0, 1, 1, 1, 2, 2, 3])
+    np.testing.assert_array_equal(walk["block"],
+                                  [0, 1, 2, 3, 1, 2, 3, 2, 3, 3])
 
-    def lists(idx, cnt, kind, rows_are_q):
-      with jax.numpy_rank_promotion("allow"):
-        out = pallas_mosaic_tpu._layout_lists(
-            layout, spec, jnp.int32(0), idx, cnt, kind, None,
-            rows_are_q=rows_are_q)
-      return (np.asarray(out.block).reshape(4, 4),
-              np.asarray(out.code).reshape(4, 4))
+  def test_empty_rows_keep_one_skipped_step(self):
+    idx = np.array([[[[0, 1], [0, 1], [1, 0]]]], np.int32)
+    cnt = np.array([[[2, 0, 1]]], np.int32)
+    kind = np.full((1, 1, 3, 2), 2, np.int8)
+    walk = self._walk(idx, cnt, kind, True, causal=False, steps=4)
+    np.testing.assert_array_equal(walk["row"], [0, 0, 1, 2])
+    np.testing.assert_array_equal(walk["code"], [2, 2, 0, 2])
+    # The skipped step fetches the previous block: no copy.
+    np.testing.assert_array_equal(walk["block"], [0, 1, 1, 1])
+    self.assertEqual(walk["edge"][2] & 3, 3)  # first and last of its row
 
-    # Forward: q block i sees kv blocks 0..i; later slots fetch block i.
-    block, code = lists(layout.kv_idx, layout.kv_cnt, layout.kv_kind, True)
-    np.testing.assert_array_equal(code, np.where(j <= i, 2, 0))
-    np.testing.assert_array_equal(block, np.minimum(j, i))
-    # Transposed: kv block i is seen by q blocks i..3; earlier slots fetch i.
-    block, code = lists(lt.q_idx, lt.q_cnt, lt.q_kind, False)
-    np.testing.assert_array_equal(code, np.where(j >= i, 2, 0))
-    np.testing.assert_array_equal(block, np.maximum(j, i))
+  def test_gqa_walk_visits_members_per_row(self):
+    # dK/dV: 2 kv blocks, 2 q heads per kv head with lists of their own.
+    idx = np.array([[[[0, 1], [1, 0]], [[1, 0], [0, 1]]]], np.int32)
+    cnt = np.array([[[2, 1], [1, 0]]], np.int32)
+    kind = np.full((1, 2, 2, 2), 2, np.int8)
+    layout = BlockLayout.dense(64, 64, block_q=32, block_kv=32)
+    spec = _padded_problem(1, 64, 64, 2, 1, 8)[-1]
+    out = pallas_mosaic_tpu._layout_lists(
+        layout, spec, None, idx, cnt, kind, None, rows_are_q=False,
+        steps=pallas_mosaic_tpu.walk_length(cnt, 2, 2, True), group=2,
+        per_member=True)
+    # (row 0: member 0 twice, member 1 once), (row 1: member 0, member 1
+    # empty: one skipped step).
+    np.testing.assert_array_equal(out.row, [0, 0, 0, 1, 1])
+    np.testing.assert_array_equal(out.member, [0, 0, 1, 0, 1])
+    np.testing.assert_array_equal(out.block, [0, 1, 1, 1, 1])
+    np.testing.assert_array_equal(out.code, [2, 2, 2, 2, 0])
 
 
 class SmemBudgetTest(parameterized.TestCase):
@@ -140,12 +182,12 @@ class SmemBudgetTest(parameterized.TestCase):
     q, k, v, bias, spec = _padded_problem(b, t, t, hq, hkv, d,
                                           bias_shape=(b, hq), causal=True)
     # Only one (batch, kv head) slice of the lists fits: a 2 x 2 split.
-    budget = 40
-    lists = lambda b, h: pallas_mosaic_tpu.prefetch_bytes(
-        (b, h, *layout.kv_idx.shape[2:]), num_blocks=layout.num_kv_blocks,
-        num_tiles=None)
+    walk = pallas_mosaic_tpu._walks(layout, hq, hq // hkv, None)
+    lists = lambda b, h: max(pallas_mosaic_tpu.prefetch_bytes(
+        b * h * w.steps, num_blocks=w.num_blocks, num_rows=w.num_rows,
+        num_tiles=None, members=w.members) for w in walk)
+    budget = lists(1, 1)
     self.assertGreater(min(lists(1, 2), lists(2, 1)), budget)
-    self.assertLessEqual(lists(1, 1), budget)
     cfg = config_lib.MosaicTpuConfig(smem_budget_bytes=budget)
     dout = jax.random.normal(jax.random.key(2), q.shape)
     dlse = jax.random.normal(jax.random.key(3), (b, hq, t))
@@ -335,11 +377,49 @@ class LaunchTest(absltest.TestCase):
     # Megacore chips split the first parallel axis over two TensorCores.
     calls = self._forward_backward_calls(1, 64, 4, 2, 8)
     grids = [eqn.params["grid_mapping"].grid for eqn in calls]
-    # forward, dQ over (B * Hq, Qb, Kmax); dK/dV over (B * Hkv, Kb, G * Qmax).
-    self.assertEqual(grids, [(4, 2, 2), (4, 2, 2), (2, 2, 4)])
+    # Without host walk lengths: forward, dQ over (B * Hq, Qb * Kmax);
+    # dK/dV over (B * Hkv, Kb * G * Qmax).
+    self.assertEqual(grids, [(4, 4), (4, 4), (2, 8)])
     for eqn in calls:
       self.assertEqual(eqn.params["compiler_params"].dimension_semantics,
-                       ("parallel", "parallel", "arbitrary"))
+                       ("parallel", "arbitrary"))
+
+  def test_host_layout_grids_walk_the_listed_blocks(self):
+    # A causal layout of 8 x 8 blocks lists 36 of the 64 (row, slot) pairs:
+    # the op's grids take 36 steps per q head, and 2 * 36 per kv head for
+    # dK/dV (G = 2), not Qb x Kmax.
+    t, block, hq, hkv = 256, 32, 2, 1
+    layout = BlockLayout.causal(t, block_q=block, block_kv=block)
+    q, k, v, _, _ = _padded_problem(1, t, t, hq, hkv, 8)
+
+    def loss(q, k, v):
+      return block_sparse_attention(q, k, v, layout, causal=True,
+                                    implementation="mosaic_tpu",
+                                    interpret=True).sum()
+
+    calls = _pallas_calls(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(
+        q, k, v).jaxpr)
+    # (The custom VJP's jaxpr holds the forward more than once.)
+    grids = {eqn.params["grid_mapping"].grid for eqn in calls}
+    self.assertEqual(grids, {(hq, 36), (hkv, 72)})
+
+
+class BlockSizeAdviceTest(absltest.TestCase):
+  """The op says when layout blocks are too small for a TPU."""
+
+  def test_small_blocks_on_tpu_get_advice(self):
+    small = BlockLayout.causal(1024, block_q=128, block_kv=128)
+    large = BlockLayout.causal(1024, block_q=512, block_kv=512)
+    advice = pallas_mosaic_tpu.block_size_advice(small, "tpu", None)
+    self.assertIn("128x128", advice)
+    self.assertIn("512", advice)
+    self.assertIsNone(pallas_mosaic_tpu.block_size_advice(large, "tpu",
+                                                          None))
+    # Interpret mode and other platforms run no TPU grid.
+    self.assertIsNone(pallas_mosaic_tpu.block_size_advice(small, "tpu",
+                                                          True))
+    self.assertIsNone(pallas_mosaic_tpu.block_size_advice(small, "cpu",
+                                                          None))
 
 
 class VmemLimitTest(parameterized.TestCase):
