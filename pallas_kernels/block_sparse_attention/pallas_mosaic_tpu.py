@@ -130,6 +130,17 @@ class _Geometry:
   def group(self) -> int:
     return self.num_q_heads // self.num_kv_heads
 
+  @property
+  def token_major(self) -> bool:
+    """Whether q/k/v/out blocks index [B, T, H * D] directly.
+
+    A [rows, D] block of head h is then a lane-aligned column slice, which
+    the TPU block-shape rule allows when D is a multiple of 128, and the
+    operands need no [B, T, H, D] <-> [B, H, T, D] transposes (a free
+    reshape). Other head dims use head-major [B, H, T, D] operands.
+    """
+    return self.head_dim % NUM_LANES == 0
+
   def kv_head(self, h):
     return h if self.group == 1 else lax.div(h, self.group)
 
@@ -683,12 +694,50 @@ def _vmem_capacity() -> int | None:
     return None
 
 
+def _heads_operand(geo: _Geometry, x):
+  """[B, T, H, D] in the kernels' layout (see `_Geometry.token_major`)."""
+  if geo.token_major:
+    return x.reshape(*x.shape[:2], -1)
+  return x.transpose(0, 2, 1, 3)
+
+
+def _heads_result(geo: _Geometry, y, heads: int):
+  """A kernel output in `_heads_operand`'s layout -> [B, T, H, D]."""
+  if geo.token_major:
+    return y.reshape(*y.shape[:2], heads, geo.head_dim)
+  return y.transpose(0, 2, 1, 3)
+
+
+def _heads_shape(geo: _Geometry, length: int, heads: int):
+  """Shape of a [B, length, heads, D] kernel output in its layout."""
+  if geo.token_major:
+    return (geo.batch, length, heads * geo.head_dim)
+  return (geo.batch, heads, length, geo.head_dim)
+
+
+def _heads_spec(geo: _Geometry, rows: int, index):
+  """BlockSpec of [rows, D] blocks of a per-head operand or output.
+
+  index(*grid, *prefetch) -> (batch, head, block).
+  """
+  d = geo.head_dim
+  if geo.token_major:
+    def token_map(*ix):
+      b, h, blk = index(*ix)
+      return b, blk, h
+    return pl.BlockSpec((None, rows, d), token_map)
+
+  def head_map(*ix):
+    b, h, blk = index(*ix)
+    return b, h, blk, 0
+  return pl.BlockSpec((None, None, rows, d), head_map)
+
+
 def _operands(kern: _Kernel, q, k, v, bias, q_seg, kv_seg, tiles,
               causal_offset):
   """Kernel-side operand layouts and their names (see _input_names)."""
   geo = kern.geo
-  ops = [q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3),
-         v.transpose(0, 2, 1, 3)]
+  ops = [_heads_operand(geo, x) for x in (q, k, v)]
   if kern.has_bias:
     bias = bias.astype(jnp.float32)
     ops.append(bias[..., None] if kern.kv_rows else bias[:, :, None, :])
@@ -717,20 +766,9 @@ def _specs(kern: _Kernel, q_index, kv_index, tile_index, *, backward: bool):
   kv block); tile_index -> pool id.
   """
   geo = kern.geo
-  d = geo.head_dim
-
-  def q_map(*ix):
-    b, h, blk = q_index(*ix)
-    return b, h, blk, 0
-
-  def kv_map(*ix):
-    b, h, blk = kv_index(*ix)
-    return b, h, blk, 0
-
-  row = lambda shape: pl.BlockSpec((None, None, *shape), q_map)
-  specs = [row((geo.block_q, d)),
-           pl.BlockSpec((None, None, geo.block_kv, d), kv_map),
-           pl.BlockSpec((None, None, geo.block_kv, d), kv_map)]
+  specs = [_heads_spec(geo, geo.block_q, q_index),
+           _heads_spec(geo, geo.block_kv, kv_index),
+           _heads_spec(geo, geo.block_kv, kv_index)]
   if kern.has_bias:
     def bias_map(*ix):
       b, h, _ = q_index(*ix)
@@ -747,7 +785,7 @@ def _specs(kern: _Kernel, q_index, kv_index, tile_index, *, backward: bool):
   if kern.spec.causal:
     specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))
   if backward:
-    specs.append(row((geo.block_q, d)))
+    specs.append(_heads_spec(geo, geo.block_q, q_index))
     specs += [_row_stat_spec(kern, q_index)] * 2
   return specs
 
@@ -829,10 +867,10 @@ def _forward_slice(q, k, v, bias, q_seg, kv_seg, lists: _Lists, tiles, spec,
   out, lse = _call(
       _fwd_kernel, kern, grid=grid, in_specs=in_specs,
       out_specs=[
-          pl.BlockSpec((None, None, geo.block_q, geo.head_dim), out_map),
+          _heads_spec(geo, geo.block_q, q_index),
           pl.BlockSpec((None, None, geo.block_q, 1), out_map)],
       out_shape=[
-          jax.ShapeDtypeStruct((geo.batch, geo.num_q_heads, tp, geo.head_dim),
+          jax.ShapeDtypeStruct(_heads_shape(geo, tp, geo.num_q_heads),
                                q.dtype),
           jax.ShapeDtypeStruct((geo.batch, geo.num_q_heads, tp, 1),
                                jnp.float32)],
@@ -842,7 +880,7 @@ def _forward_slice(q, k, v, bias, q_seg, kv_seg, lists: _Lists, tiles, spec,
       cfg=cfg, interpret=interpret, name="block_sparse_attention_fwd",
   )(*lists.arrays(), *_operands(kern, q, k, v, bias, q_seg, kv_seg, tiles,
                                 causal_offset))
-  return out.transpose(0, 2, 1, 3), lse[..., 0]
+  return _heads_result(geo, out, geo.num_q_heads), lse[..., 0]
 
 
 def _geometry_of(q, k, bias, layout_shape, block_kv_compute) -> _Geometry:
@@ -869,7 +907,7 @@ def _backward_slice(q, k, v, bias, q_seg, kv_seg, lists: _Lists,
   # dS = P * (dP - (delta - dlse)).
   delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), -1)
   delta = delta.transpose(0, 2, 1) - dlse.astype(jnp.float32)
-  dout_t = dout.transpose(0, 2, 1, 3)
+  dout_t = _heads_operand(geo, dout)
   has_bias = bias is not None
 
   def operands(kern):
@@ -879,12 +917,12 @@ def _backward_slice(q, k, v, bias, q_seg, kv_seg, lists: _Lists,
 
   # dQ over the forward walk.
   kern = _Kernel(geo, spec, has_bias, lists.steps, lists.heads)
-  q_index, kv_index, tile, out_map = _row_walk_maps(kern)
+  q_index, kv_index, tile, _ = _row_walk_maps(kern)
   dq = _call(
       _dq_kernel, kern, grid=(geo.batch, geo.num_q_heads, lists.steps),
       in_specs=_specs(kern, q_index, kv_index, tile, backward=True),
-      out_specs=pl.BlockSpec((None, None, geo.block_q, d), out_map),
-      out_shape=jax.ShapeDtypeStruct((geo.batch, geo.num_q_heads, tp, d),
+      out_specs=_heads_spec(geo, geo.block_q, q_index),
+      out_shape=jax.ShapeDtypeStruct(_heads_shape(geo, tp, geo.num_q_heads),
                                      q.dtype),
       scratch_shapes=[pltpu.VMEM((geo.block_q, d), jnp.float32)],
       cfg=cfg, interpret=interpret, name="block_sparse_attention_dq",
@@ -900,10 +938,9 @@ def _backward_slice(q, k, v, bias, q_seg, kv_seg, lists: _Lists,
   q_head = lambda b, hk, n, *refs: hk * geo.group + member(b, hk, n, *refs)
   q_index_t = lambda *ix: (ix[0], q_head(*ix), block(*ix))
   kv_index_t = lambda *ix: (ix[0], ix[1], row(*ix))
-  kv_out = lambda *ix: (ix[0], ix[1], row(*ix), 0)
-  out_specs = [pl.BlockSpec((None, None, geo.block_kv, d), kv_out)] * 2
+  out_specs = [_heads_spec(geo, geo.block_kv, kv_index_t)] * 2
   out_shape = [jax.ShapeDtypeStruct(
-      (geo.batch, geo.num_kv_heads, sp, d), x.dtype) for x in (k, v)]
+      _heads_shape(geo, sp, geo.num_kv_heads), x.dtype) for x in (k, v)]
   scratch = [pltpu.VMEM((geo.block_kv, d), jnp.float32)] * 2
   if has_bias:
     dbias_map = lambda *ix: (ix[0], q_head(*ix), row(*ix), 0)
@@ -919,9 +956,9 @@ def _backward_slice(q, k, v, bias, q_seg, kv_seg, lists: _Lists,
       out_specs=out_specs, out_shape=out_shape, scratch_shapes=scratch,
       cfg=cfg, interpret=interpret, name="block_sparse_attention_dkv",
   )(*lists_t.arrays(), *operands(kern_t))
-  dk, dv = (g.transpose(0, 2, 1, 3) for g in grads[:2])
+  dk, dv = (_heads_result(geo, g, geo.num_kv_heads) for g in grads[:2])
   dbias = grads[2][..., 0] if has_bias else None
-  return dq.transpose(0, 2, 1, 3), dk, dv, dbias
+  return _heads_result(geo, dq, geo.num_q_heads), dk, dv, dbias
 
 
 # -- SMEM budget: split the launch over batch / kv-head slices -----------------

@@ -218,8 +218,9 @@ class SmemBudgetTest(parameterized.TestCase):
 class TpuInterpretModeTest(parameterized.TestCase):
   """TPU semantics (DMA, races, OOB reads, NaN-filled memory) on tiny cases."""
 
-  def test_no_races_oob_or_nan(self):
-    b, t, s, hq, hkv, d = 1, 48, 40, 2, 1, 8
+  @parameterized.named_parameters(("head_major", 8), ("token_major", 128))
+  def test_no_races_oob_or_nan(self, d):
+    b, t, s, hq, hkv = 1, 48, 40, 2, 1
     q, k, v = test_base.random_qkv(0, b, t, s, hq, hkv, d)
     bias = jax.random.normal(jax.random.key(1), (1, hq, s))
     seg = np.array([[0] * 20 + [1] * 28], np.int32)
@@ -341,8 +342,8 @@ class LaunchTest(absltest.TestCase):
     pool = [x.aval for x in call.invars if x.aval.shape == layout.tiles.shape]
     self.assertEqual([x.dtype for x in pool], [jnp.int8])
 
-  def _forward_backward_calls(self, b, t, hq, hkv, d):
-    """The pallas_call equations of a forward and backward pass."""
+  def _forward_backward_jaxpr(self, b, t, hq, hkv, d):
+    """The jaxpr of a forward and backward pass on a causal layout."""
     layout = BlockLayout.causal(t, block_q=32, block_kv=32)
     q, k, v, _, spec = _padded_problem(b, t, t, hq, hkv, d)
     args = dict(bias_k=None, q_seg=None, kv_seg=None, layout=layout,
@@ -353,7 +354,11 @@ class LaunchTest(absltest.TestCase):
       return pallas_mosaic_tpu.backward(q, k, v, out=out, lse=lse, dout=out,
                                         dlse=lse, **args)
 
-    return _pallas_calls(jax.make_jaxpr(forward_backward)(q, k, v).jaxpr)
+    return jax.make_jaxpr(forward_backward)(q, k, v).jaxpr
+
+  def _forward_backward_calls(self, b, t, hq, hkv, d):
+    """The pallas_call equations of a forward and backward pass."""
+    return _pallas_calls(self._forward_backward_jaxpr(b, t, hq, hkv, d))
 
   def test_row_statistics_cross_the_boundary_compact(self):
     b, t, h, d = 2, 64, 3, 8
@@ -383,6 +388,38 @@ class LaunchTest(absltest.TestCase):
     for eqn in calls:
       self.assertEqual(eqn.params["compiler_params"].dimension_semantics,
                        ("parallel", "arbitrary"))
+
+  def test_lane_aligned_heads_need_no_transposes(self):
+    # D = 128: the kernels index [B, T, H * D] directly (a free reshape);
+    # D = 64 keeps head-major operands, transposed around the calls.
+    for d, transposes in ((128, 0), (64, 1)):
+      calls_and_jaxpr = self._forward_backward_jaxpr(1, 64, 2, 1, d)
+      outer = [e for e in calls_and_jaxpr.eqns
+               if e.primitive.name == "transpose"
+               and e.invars[0].aval.shape[-1] == d]
+      self.assertEqual(bool(outer), bool(transposes), f"D={d}")
+
+  def test_lane_aligned_heads_match_xla(self):
+    b, t, hq, hkv, d = 2, 64, 4, 2, 128
+    layout = test_base.random_layout(5, b, hkv, t, t, 32, 32, density=0.6)
+    q, k, v, bias, spec = _padded_problem(b, t, t, hq, hkv, d,
+                                          bias_shape=(1, hq), causal=True)
+    dout = jax.random.normal(jax.random.key(7), q.shape)
+    dlse = jax.random.normal(jax.random.key(8), (b, hq, t))
+
+    @jax.jit
+    def forward_backward(q, k, v, bias):
+      args = (q, k, v, bias, None, None, layout, spec)
+      out, lse = pallas_mosaic_tpu.forward(*args, interpret=True)
+      grads = pallas_mosaic_tpu.backward(*args, out, lse, dout, dlse,
+                                         interpret=True)
+      want_out, want_lse = xla.forward(*args)
+      want = xla.backward(*args, want_out, want_lse, dout, dlse)
+      return (out, lse, grads), (want_out, want_lse, want)
+
+    got, want = forward_backward(q, k, v, bias)
+    chex.assert_trees_all_close(got, want,
+                                atol=tolerances.grad_atol(q.dtype))
 
   def test_host_layout_grids_walk_the_listed_blocks(self):
     # A causal layout of 8 x 8 blocks lists 36 of the 64 (row, slot) pairs:
