@@ -1,9 +1,10 @@
 """Configs of train/llsa_dit.py: pixel-space DiT with LLSA, rectified flow.
 
 Presets (`--config=train/configs/llsa_dit.py:<preset>`):
-  digits (default): sklearn digits upscaled to 32x32 (1024 pixel tokens), a
+  digits (default): sklearn digits upscaled to 16x16 (256 pixel tokens), a
     small class-conditional DiT with LLSA-l1 predicting x0, classifier-free
-    guidance 3; a few minutes on a 2-core CPU.
+    guidance 3, 1500 steps of batch 32 at learning rate 2e-3; recognisable
+    digits (eval/digit_check.py) in about 13 minutes on a 2-core CPU.
   128: FFHQ-style stage 2 of the paper at 128x128 (16384 tokens): DiT-S/1,
     LLSA-l2, batch 16, bf16, noise x2; images from --config.data.image_dir.
   256: the same at 256x256 (65536 tokens), noise x4. Both unconditional,
@@ -18,17 +19,17 @@ def get_config(preset: str = "digits") -> ml_collections.ConfigDict:
   """Returns the config of `preset` ("digits", "128" or "256")."""
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.num_steps = 400
-  config.batch_size = 8  # global, split over all devices of all hosts
+  config.num_steps = 1500
+  config.batch_size = 32  # global, split over all devices of all hosts
   config.log_every = 10
-  config.checkpoint_every = 100
+  config.checkpoint_every = 250
   config.keep_checkpoints = 2
   config.init_from = ""  # a checkpoint step dir to take weights from
 
   config.data = ml_collections.ConfigDict()
   config.data.source = "digits"  # or "folder"
   config.data.image_dir = ""
-  config.data.image_size = 32
+  config.data.image_size = 16
 
   config.model = ml_collections.ConfigDict()
   config.model.in_channels = 1
@@ -59,9 +60,9 @@ def get_config(preset: str = "digits") -> ml_collections.ConfigDict:
   config.flow.label_dropout = 0.1
 
   config.optim = ml_collections.ConfigDict()
-  config.optim.learning_rate = 1e-3
+  config.optim.learning_rate = 2e-3
   config.optim.schedule = "constant"  # after warmup; or "cosine" (to 0)
-  config.optim.warmup_steps = 0
+  config.optim.warmup_steps = 50
   config.optim.b1 = 0.9
   config.optim.b2 = 0.999
   config.optim.eps = 1e-8
@@ -105,6 +106,7 @@ def get_config(preset: str = "digits") -> ml_collections.ConfigDict:
     config.attn.options.num_levels = 2
     config.flow.noise_scale = 2.0 if size == 128 else 4.0
     config.optim.learning_rate = 1e-4
+    config.optim.warmup_steps = 0
     config.sample.num_images = 16
   elif preset != "digits":
     raise ValueError(f"unknown preset {preset!r}: digits, 128 or 256")
