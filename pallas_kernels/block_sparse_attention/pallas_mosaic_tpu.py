@@ -300,13 +300,13 @@ def _walk(idx, cnt, kind, tile_idx, *, num_blocks: int, num_tiles,
   code = jnp.where(valid, pick(code), _SKIP)
   active = code != _SKIP
   edge = jnp.zeros_like(run)
+  at_end = jnp.arange(n) == total - 1
   for key, first, last in ((row, _FIRST_OF_ROW, _LAST_OF_ROW),
                            (run, _FIRST_OF_RUN, _LAST_OF_RUN)):
     prev = jnp.concatenate([jnp.full_like(key[..., :1], -1), key[..., :-1]],
                            -1)
     nxt = jnp.concatenate([key[..., 1:], jnp.full_like(key[..., :1], -1)],
                           -1)
-    at_end = jnp.arange(n) == total - 1
     edge += jnp.where(valid & (key != prev), first, 0)
     edge += jnp.where(valid & ((key != nxt) | at_end), last, 0)
   tile = None
@@ -402,21 +402,31 @@ def _walk_slot(kern: _Kernel, b, h, n):
   the layout's), kv heads for the dK/dV walk (list heads 1 or Hkv).
   """
   geo = kern.geo
-  lb = b if geo.layout_batch > 1 else 0
   if kern.kv_rows:
+    lb = b if geo.layout_batch > 1 else 0
     lh = h if kern.list_heads > 1 else 0
   else:
     lb, lh = geo.layout_entry(b, h)
   return (lb * kern.list_heads + lh) * kern.steps + n
 
 
+def _step_field(kern: _Kernel, name: str):
+  """Field `name` of step n (`_Lists`) as an int32, read by (b, h, n, *refs).
+
+  Serves the index maps and the kernel bodies (with the prefetch refs).
+  """
+
+  def read(b, h, n, *refs):
+    r = dict(zip(_prefetch_names(kern), refs))
+    return r[name][_walk_slot(kern, b, h, n)].astype(jnp.int32)
+
+  return read
+
+
 def _step(kern: _Kernel, refs, b, h, n):
-  """(row, block, code, edge, member) of step n from the prefetch refs."""
-  r = dict(zip(_prefetch_names(kern), refs))
-  slot = _walk_slot(kern, b, h, n)
-  read = lambda name: r[name][slot].astype(jnp.int32)
-  member = read("member") if "member" in r else 0
-  return read("row"), read("block"), read("code"), read("edge"), member
+  """(row, block, code, edge) of step n from the prefetch refs."""
+  return tuple(_step_field(kern, name)(b, h, n, *refs)
+               for name in ("row", "block", "code", "edge"))
 
 
 def _key_slice(kern: _Kernel, ref, keys):
@@ -504,7 +514,7 @@ def _fwd_kernel(*refs, kern: _Kernel):
   r = _unpack(refs, names)
   geo = kern.geo
   b, h, n = _grid_ids(geo.num_q_heads)
-  i, kv_block, code, edge, _ = _step(kern, refs[:len(prefetch)], b, h, n)
+  i, kv_block, code, edge = _step(kern, refs[:len(prefetch)], b, h, n)
 
   @pl.when(_flag(edge, _FIRST_OF_ROW))
   def _init():
@@ -554,7 +564,7 @@ def _dq_kernel(*refs, kern: _Kernel):
   r = _unpack(refs, names)
   geo = kern.geo
   b, h, n = _grid_ids(geo.num_q_heads)
-  i, kv_block, code, edge, _ = _step(kern, refs[:len(prefetch)], b, h, n)
+  i, kv_block, code, edge = _step(kern, refs[:len(prefetch)], b, h, n)
 
   @pl.when(_flag(edge, _FIRST_OF_ROW))
   def _init():
@@ -584,7 +594,7 @@ def _dkv_kernel(*refs, kern: _Kernel):
   r = _unpack(refs, names)
   geo = kern.geo
   b, hk, n = _grid_ids(geo.num_kv_heads)
-  kb, q_block, code, edge, _ = _step(kern, refs[:len(prefetch)], b, hk, n)
+  kb, q_block, code, edge = _step(kern, refs[:len(prefetch)], b, hk, n)
 
   @pl.when(_flag(edge, _FIRST_OF_ROW))
   def _init():
@@ -701,10 +711,10 @@ def _heads_operand(geo: _Geometry, x):
   return x.transpose(0, 2, 1, 3)
 
 
-def _heads_result(geo: _Geometry, y, heads: int):
+def _heads_result(geo: _Geometry, y):
   """A kernel output in `_heads_operand`'s layout -> [B, T, H, D]."""
   if geo.token_major:
-    return y.reshape(*y.shape[:2], heads, geo.head_dim)
+    return y.reshape(*y.shape[:2], -1, geo.head_dim)
   return y.transpose(0, 2, 1, 3)
 
 
@@ -833,16 +843,6 @@ def _segment_specs(kern: _Kernel, q_index, kv_index):
           pl.BlockSpec((None, NUM_SUBLANES, geo.block_kv), kv_seg_map)]
 
 
-def _step_field(kern: _Kernel, name: str):
-  """Index-map helper: field `name` of step n (`_Lists`) as an int32."""
-
-  def read(b, h, n, *refs):
-    r = dict(zip(_prefetch_names(kern), refs))
-    return r[name][_walk_slot(kern, b, h, n)].astype(jnp.int32)
-
-  return read
-
-
 def _row_walk_maps(kern: _Kernel):
   """(q_index, kv_index, tile_index, out_map) of a forward / dQ walk."""
   geo = kern.geo
@@ -880,7 +880,7 @@ def _forward_slice(q, k, v, bias, q_seg, kv_seg, lists: _Lists, tiles, spec,
       cfg=cfg, interpret=interpret, name="block_sparse_attention_fwd",
   )(*lists.arrays(), *_operands(kern, q, k, v, bias, q_seg, kv_seg, tiles,
                                 causal_offset))
-  return _heads_result(geo, out, geo.num_q_heads), lse[..., 0]
+  return _heads_result(geo, out), lse[..., 0]
 
 
 def _geometry_of(q, k, bias, layout_shape, block_kv_compute) -> _Geometry:
@@ -956,9 +956,9 @@ def _backward_slice(q, k, v, bias, q_seg, kv_seg, lists: _Lists,
       out_specs=out_specs, out_shape=out_shape, scratch_shapes=scratch,
       cfg=cfg, interpret=interpret, name="block_sparse_attention_dkv",
   )(*lists_t.arrays(), *operands(kern_t))
-  dk, dv = (_heads_result(geo, g, geo.num_kv_heads) for g in grads[:2])
+  dk, dv = (_heads_result(geo, g) for g in grads[:2])
   dbias = grads[2][..., 0] if has_bias else None
-  return _heads_result(geo, dq, geo.num_q_heads), dk, dv, dbias
+  return _heads_result(geo, dq), dk, dv, dbias
 
 
 # -- SMEM budget: split the launch over batch / kv-head slices -----------------
