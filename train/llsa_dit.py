@@ -1,6 +1,6 @@
 r"""Trains a pixel-space DiT with LLSA (or any jsparse method): rectified flow.
 
-  python train/llsa_dit.py          # digits 16x16 with LLSA-l1 on a CPU
+  python train/llsa_dit.py          # digits 8x8 with LLSA-l1 on a CPU
   python train/llsa_dit.py --config.attn.method=dense   # the dense baseline
   python train/llsa_dit.py --config=train/configs/llsa_dit.py:128 \
       --config.data.image_dir=/data/ffhq --workdir=/ckpt/llsa128
