@@ -10,8 +10,10 @@ is trained with cross-entropy; (1) the student (the teacher's weights plus
 connectivity predictors) trains only its predictors to reconstruct the
 teacher's attention, with dense attention; (2) the predictors are frozen and
 the backbone is fine-tuned under the detached predicted masks with
-CE + KL(teacher || student) + final patch-token MSE. Each phase has its own
-AdamW. Resumes from the latest checkpoint in --workdir; SIGTERM saves the
+CE + KL(teacher || student) + final patch-token MSE. The random-mask
+ablation, a second student under uniformly random masks of the same
+density, is fine-tuned in phase 2 exactly as the Sparsifiner student is
+(same start, batches, losses and schedule). Each phase has its own AdamW. Resumes from the latest checkpoint in --workdir; SIGTERM saves the
 finished step and exits 143. Writes results.json (accuracies, mask recall and
 density, attention FLOPs) to --workdir.
 """
@@ -60,8 +62,10 @@ PREDICTOR = nnx.All(nnx.Param, nnx.PathContains("method"))
 BACKBONE = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("method")))
 
 
-def model_configs(config) -> tuple[vit.ViTConfig, vit.ViTConfig]:
-  """(teacher, student) ViTConfigs: dense and Sparsifiner."""
+def model_configs(config) -> tuple[vit.ViTConfig, vit.ViTConfig,
+                                   vit.ViTConfig]:
+  """(teacher, student, random student) ViTConfigs: dense, Sparsifiner and
+  Sparsifiner with random masks of the same density."""
   m, a = config.model, config.attn
   teacher = vit.ViTConfig(
       image_size=config.data.image_size, patch_size=m.patch_size,
@@ -71,11 +75,14 @@ def model_configs(config) -> tuple[vit.ViTConfig, vit.ViTConfig]:
       num_tokens=teacher.num_tokens, token_ratio=a.token_ratio,
       channel_ratio=a.channel_ratio, keep_rate=a.keep_rate,
       coef_topk=a.coef_topk, basis_threshold=a.basis_threshold,
-      scale=a.scale)
+      basis=a.basis, scale=a.scale)
   student = dataclasses.replace(
       teacher, attention="sparsifiner", method_config=method_config,
       implementation=a.implementation)
-  return teacher, student
+  random_student = dataclasses.replace(
+      student, method_config=dataclasses.replace(method_config,
+                                                 selection="random"))
+  return teacher, student, random_student
 
 
 def schedule(peak: float, steps: int, config) -> optax.Schedule:
@@ -95,13 +102,15 @@ def adamw(peak: float, steps: int, config) -> optax.GradientTransformation:
 
 
 class TrainState(nnx.Module):
-  """Teacher, student and the three phases' optimizers."""
+  """Teacher, students and the phases' optimizers."""
 
   def __init__(self, config):
-    teacher_config, student_config = model_configs(config)
+    teacher_config, student_config, random_config = model_configs(config)
     o = config.optim
     self.teacher = vit.ViT(teacher_config, rngs=nnx.Rngs(config.seed))
     self.student = vit.ViT(student_config, rngs=nnx.Rngs(config.seed + 1))
+    self.random_student = vit.ViT(random_config,
+                                  rngs=nnx.Rngs(config.seed + 1))
     self.teacher_opt = nnx.Optimizer(
         self.teacher, adamw(o.teacher_lr, config.teacher_steps, config),
         wrt=nnx.Param)
@@ -111,6 +120,9 @@ class TrainState(nnx.Module):
     self.backbone_opt = nnx.Optimizer(
         self.student, adamw(o.backbone_lr, config.phase2_steps, config),
         wrt=BACKBONE)
+    self.random_backbone_opt = nnx.Optimizer(
+        self.random_student,
+        adamw(o.backbone_lr, config.phase2_steps, config), wrt=BACKBONE)
 
 
 class Digits:
@@ -166,25 +178,34 @@ def make_steps(config):
     state.predictor_opt.update(state.student, grads)
     return {"train/loss": loss, "train/grad_norm": optax.global_norm(grads)}
 
-  @nnx.jit
-  def phase2_step(state: TrainState, images, labels):
-    t_logits, teacher = state.teacher(images, dense=True, with_aux=True)
-    t_logits, t_tokens = jax.lax.stop_gradient((t_logits, teacher["tokens"]))
-
+  def finetune(student, optimizer, images, labels, t_logits, t_tokens):
+    """One phase-2 update of `student`'s backbone; its loss and parts."""
     def loss_fn(student):
       logits, aux = student(images, with_aux=True)
       ce = cross_entropy(logits, labels)
       kl = sparsifiner.logit_distillation_loss(logits, t_logits)
       tok = sparsifiner.token_distillation_loss(aux["tokens"], t_tokens)
       loss = w.ce_weight * ce + w.kl_weight * kl + w.token_weight * tok
-      return loss, {"train/ce": ce, "train/kl": kl, "train/token_mse": tok}
+      return loss, {"ce": ce, "kl": kl, "token_mse": tok}
 
     diff = nnx.DiffState(0, BACKBONE)
     (loss, parts), grads = nnx.value_and_grad(
-        loss_fn, argnums=diff, has_aux=True)(state.student)
-    state.backbone_opt.update(state.student, grads)
-    return {"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
-            **parts}
+        loss_fn, argnums=diff, has_aux=True)(student)
+    optimizer.update(student, grads)
+    return loss, parts, optax.global_norm(grads)
+
+  @nnx.jit
+  def phase2_step(state: TrainState, images, labels):
+    t_logits, teacher = state.teacher(images, dense=True, with_aux=True)
+    targets = jax.lax.stop_gradient((t_logits, teacher["tokens"]))
+    loss, parts, grad_norm = finetune(state.student, state.backbone_opt,
+                                      images, labels, *targets)
+    random_loss, _, _ = finetune(state.random_student,
+                                 state.random_backbone_opt, images, labels,
+                                 *targets)
+    return {"train/loss": loss, "train/grad_norm": grad_norm,
+            **{f"train/{k}": v for k, v in parts.items()},
+            "train/random_mask_loss": random_loss}
 
   return teacher_step, phase1_step, phase2_step
 
@@ -204,20 +225,39 @@ def accuracy(model: vit.ViT, digits: Digits, chunk: int = 120) -> float:
   return hits / len(digits.test)
 
 
+def column_share(mask: jax.Array) -> jax.Array:
+  """Mean over (batch, head) of the share of rows that keep the most-kept
+  key column of bool mask [B, H, rows, N]: 1 when every row keeps one
+  common key, keys_per_row / N for masks spread evenly over the keys."""
+  return jnp.mean(jnp.max(jnp.mean(mask, axis=2), axis=-1))
+
+
 @nnx.jit
 def _mask_stats(teacher, student, images):
-  """Recall of the teacher's per-row top-k by the predicted masks, density."""
+  """Per layer, on the teacher's q and k (the predictors see those in
+  phase 1; phase 2 does not change them): recall of the teacher's per-row
+  top-k by the student's masks, their density, the teacher's attention
+  mass inside them (per row, averaged; the top-k's mass is the most a mask
+  of that size holds), and `column_share` of the student's masks and of
+  the teacher's top-k (perfect masks)."""
   _, aux = teacher(images, dense=True, with_aux=True)
-  recall, density = [], []
+  stats = {"recall": [], "density": [], "mass": [], "topk_mass": [],
+           "column_share": [], "teacher_column_share": []}
   for block, q, k, probs in zip(student.blocks, aux["q"], aux["k"],
                                 aux["probs"]):
     method = block.attn.method
     mask = method.mask(q, k)[:, :, 1:]
     oracle = sparsifiner.row_topk_mask(probs[:, :, 1:],
                                        method.config.keys_per_row)
-    recall.append(jnp.sum(mask & oracle) / jnp.sum(oracle))
-    density.append(mask.mean())
-  return jnp.stack(recall), jnp.stack(density)
+    stats["recall"].append(jnp.sum(mask & oracle) / jnp.sum(oracle))
+    stats["density"].append(mask.mean())
+    rows = probs[:, :, 1:]
+    stats["mass"].append(jnp.mean(jnp.sum(jnp.where(mask, rows, 0.0), -1)))
+    stats["topk_mass"].append(
+        jnp.mean(jnp.sum(jnp.where(oracle, rows, 0.0), -1)))
+    stats["column_share"].append(column_share(mask))
+    stats["teacher_column_share"].append(column_share(oracle))
+  return {name: jnp.stack(x) for name, x in stats.items()}
 
 
 def with_selection(student: vit.ViT, selection: str,
@@ -237,8 +277,9 @@ def evaluate(state: TrainState, digits: Digits, config) -> dict:
   """Accuracies, the random-mask ablation, mask recall/density and FLOPs."""
   s = state.student
   method = s.blocks[0].attn.method
-  recall, density = _mask_stats(state.teacher, s, jnp.asarray(
-      digits.images[digits.test[:128]]))
+  images = jnp.asarray(digits.images[digits.test[:128]])
+  stats = _mask_stats(state.teacher, s, images)
+  random_stats = _mask_stats(state.teacher, state.random_student, images)
   flops = sparsifiner.attention_flops(method.config, s.config.num_heads,
                                       s.config.head_dim)
   return {
@@ -246,12 +287,20 @@ def evaluate(state: TrainState, digits: Digits, config) -> dict:
       "sparsifiner_accuracy": accuracy(s, digits),
       "sparsifiner_no_finetune_accuracy": accuracy(
           with_selection(s, "predictor", backbone=state.teacher), digits),
-      "random_mask_accuracy": accuracy(with_selection(s, "random"), digits),
+      "random_mask_accuracy": accuracy(state.random_student, digits),
       "random_mask_no_finetune_accuracy": accuracy(
           with_selection(s, "random", backbone=state.teacher), digits),
-      "topk_recall_per_layer": np.asarray(recall).tolist(),
+      "topk_recall_per_layer": np.asarray(stats["recall"]).tolist(),
       "random_recall": method.config.keep_rate,
-      "mask_density_non_cls_rows": float(np.mean(density)),
+      "mask_density_non_cls_rows": float(np.mean(stats["density"])),
+      "teacher_mass_in_mask_per_layer": np.asarray(stats["mass"]).tolist(),
+      "teacher_mass_in_topk_per_layer": np.asarray(
+          stats["topk_mass"]).tolist(),
+      "teacher_mass_in_random_mask": float(np.mean(random_stats["mass"])),
+      "column_share_per_layer": np.asarray(stats["column_share"]).tolist(),
+      "teacher_column_share_per_layer": np.asarray(
+          stats["teacher_column_share"]).tolist(),
+      "random_column_share": float(np.mean(random_stats["column_share"])),
       "expected_density": method.config.keys_per_row / s.config.num_tokens,
       "num_tokens": s.config.num_tokens,
       "keys_per_row": method.config.keys_per_row,
@@ -298,8 +347,9 @@ def train_and_evaluate(config, workdir: str,
 
   def step_fn(step):
     phase = int(np.searchsorted(ends, step, side="right"))
-    if step == ends[0]:  # the student starts from the teacher's weights
-      nnx.update(state.student, nnx.state(state.teacher, nnx.Param))
+    if step == ends[0]:  # the students start from the teacher's weights
+      for student in (state.student, state.random_student):
+        nnx.update(student, nnx.state(state.teacher, nnx.Param))
     images, labels = digits.batch(step, config.batch_size, config.seed)
     return {**steps[phase](state, images, labels), "train/phase": phase}
 

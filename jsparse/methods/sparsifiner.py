@@ -58,6 +58,10 @@ class SparsifinerConfig:
     keep_rate: rho; each non-CLS query keeps k = ceil(rho N) keys.
     coef_topk: entries of A_low kept per row before the up-projection.
     basis_threshold: |P_up| entries at or below it are zeroed.
+    basis: the up-projection basis U of the selection: "abs" (official
+      inference, |P_up|^T thresholded at `basis_threshold`) or "signed"
+      (P_up^T as phase 1 trains it, no threshold; with coef_topk >= n the
+      selection then ranks exactly the map phase 1 fits).
     scale: "num_heads" (official code, H^-1/2) or "head_dim" (D^-1/2) for
       the cheap attention.
     cls_token: the first token is a CLS token whose query row is dense.
@@ -72,6 +76,7 @@ class SparsifinerConfig:
   keep_rate: float = 0.25
   coef_topk: int = 8
   basis_threshold: float = 0.02
+  basis: str = "abs"
   scale: str = "num_heads"
   cls_token: bool = True
   selection: str = "predictor"
@@ -117,6 +122,9 @@ class SparsifinerMethod(base.SparseMethod):
     if config.scale not in ("num_heads", "head_dim"):
       raise ValueError(f"scale must be 'num_heads' or 'head_dim', got "
                        f"{config.scale!r}")
+    if config.basis not in ("abs", "signed"):
+      raise ValueError(f"basis must be 'abs' or 'signed', got "
+                       f"{config.basis!r}")
     if config.selection not in ("predictor", "random"):
       raise ValueError(f"selection must be 'predictor' or 'random', got "
                        f"{config.selection!r}")
@@ -158,7 +166,10 @@ class SparsifinerMethod(base.SparseMethod):
     return jax.lax.top_k(coef, min(self.config.coef_topk, coef.shape[-1]))
 
   def _sparse_basis(self) -> jax.Array:
-    """U = |P_up|^T with entries <= basis_threshold zeroed: f32 [n, N]."""
+    """The selection's U, f32 [n, N]: |P_up|^T with entries <=
+    basis_threshold zeroed ("abs"), or P_up^T ("signed")."""
+    if self.config.basis == "signed":
+      return self.up[...].T
     up = jnp.abs(self.up[...])
     return jnp.where(up > self.config.basis_threshold, up, 0.0).T
 

@@ -39,6 +39,16 @@ class SparsifinerViTTest(absltest.TestCase):
         tempfile.TemporaryDirectory() as b:
       results = sparsifiner_vit.train_and_evaluate(tiny_config(), a)
       self.assertIn("sparsifiner_accuracy", results)
+      # The random-mask student is fine-tuned in phase 2 (steps 3-4) too.
+      with open(os.path.join(a, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+      self.assertEqual(
+          sorted(r["step"] for r in records if "train/random_mask_loss" in r),
+          [3, 4])
+      for name in ("column_share_per_layer",
+                   "teacher_column_share_per_layer"):
+        self.assertLen(results[name], 1)  # one layer
+        self.assertBetween(results[name][0], 0.0, 1.0)
       self.assertAlmostEqual(results["mask_density_non_cls_rows"],
                              results["expected_density"], places=5)
       # Stop after phase 1 (checkpoint at step 2), then resume to the end.

@@ -143,6 +143,25 @@ class SparsifinerTest(mtb.MethodTestBase):
     np.testing.assert_allclose(raw, want, atol=1e-6)
     self.assertEqual(cfg.num_slots, _N // 6)
 
+  def test_signed_basis_selects_on_the_trained_map(self):
+    # basis="signed" with every coefficient kept: the selection ranks the
+    # very map phase 1 fits (and which `abs` would rank differently).
+    cfg = sparsifiner.SparsifinerConfig(num_tokens=_N, keep_rate=0.25,
+                                        basis="signed", coef_topk=_N)
+    method = sparsifiner.SparsifinerMethod(cfg, _H, _D, rngs=nnx.Rngs(0))
+    q, k, _, _ = self.inputs(method)
+    raw = method.approximate(q, k, sparse=False)
+    np.testing.assert_allclose(method.approximate(q, k, sparse=True), raw,
+                               atol=1e-6)
+    want = np.argsort(-np.asarray(raw), -1, kind="stable")
+    idx = np.asarray(jax.jit(method.select)(q, k))
+    np.testing.assert_array_equal(
+        np.sort(idx, -1), np.sort(want[..., :cfg.keys_per_row], -1))
+    with self.assertRaisesRegex(ValueError, "basis must be"):
+      sparsifiner.SparsifinerMethod(
+          sparsifiner.SparsifinerConfig(num_tokens=_N, basis="relu"), _H,
+          _D, rngs=nnx.Rngs(0))
+
   def test_losses_on_small_tensors(self):
     approx = jnp.asarray([[[[0.5, 0.5], ]]])  # [1, 1, 1, 2]
     teacher = jnp.asarray([[[[1.0, 0.0], [0.25, 0.75]]]])
