@@ -127,13 +127,19 @@ def _sink_window(span: float, n: int, num_heads: int):
       block_size=32, sink_tokens=32, min_span=64))
 
 
+def _hip_method(budget: float, **config):
+  """HiPMethod with the budget rounded to 16 tokens (at least 16), sink 16,
+  window 64 and b_q 32, plus `config`."""
+  hip = _module("hip")
+  return hip.HiPMethod(hip.HiPConfig(
+      budget=int(max(16, round(budget / 16) * 16)), block_q=32, sink=16,
+      window=64, **config))
+
+
 def _hip(budget: float, n: int, num_heads: int):
   """HiP as this table first ran it: 16-token key blocks on the block path,
   window 64, every layer sparse."""
-  hip = _module("hip")
-  return hip.HiPMethod(hip.HiPConfig(
-      budget=int(max(16, round(budget / 16) * 16)), block_q=32, block_k=16,
-      sink=16, window=64, path="block"))
+  return _hip_method(budget, block_k=16, path="block")
 
 
 HIP_PAPER_DENSE_LAYERS = 3
@@ -145,10 +151,7 @@ def _hip_paper(budget: float, n: int, num_heads: int):
   density calibration moves. Sink 16 and window 64 as in `_hip`: the
   paper's 128-256-token window alone would hold 12.5-25% of the logits of
   a 2,048-token context, above the lower density targets."""
-  hip = _module("hip")
-  return hip.HiPMethod(hip.HiPConfig(
-      budget=int(max(16, round(budget / 16) * 16)), block_q=32, block_k=2,
-      sink=16, window=64, dense_layers=HIP_PAPER_DENSE_LAYERS))
+  return _hip_method(budget, block_k=2, dense_layers=HIP_PAPER_DENSE_LAYERS)
 
 
 def _psa(tokens: float, n: int, num_heads: int):

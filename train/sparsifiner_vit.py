@@ -13,7 +13,8 @@ the backbone is fine-tuned under the detached predicted masks with
 CE + KL(teacher || student) + final patch-token MSE. The random-mask
 ablation, a second student under uniformly random masks of the same
 density, is fine-tuned in phase 2 exactly as the Sparsifiner student is
-(same start, batches, losses and schedule). Each phase has its own AdamW. Resumes from the latest checkpoint in --workdir; SIGTERM saves the
+(same start, batches, losses and schedule). Each phase has its own AdamW.
+Resumes from the latest checkpoint in --workdir; SIGTERM saves the
 finished step and exits 143. Writes results.json (accuracies, mask recall and
 density, attention FLOPs) to --workdir.
 """
@@ -233,31 +234,36 @@ def column_share(mask: jax.Array) -> jax.Array:
 
 
 @nnx.jit
-def _mask_stats(teacher, student, images):
-  """Per layer, on the teacher's q and k (the predictors see those in
+def _mask_stats(teacher, students, images):
+  """For each of `students`, per layer, on the teacher's q and k (the predictors see those in
   phase 1; phase 2 does not change them): recall of the teacher's per-row
   top-k by the student's masks, their density, the teacher's attention
   mass inside them (per row, averaged; the top-k's mass is the most a mask
   of that size holds), and `column_share` of the student's masks and of
   the teacher's top-k (perfect masks)."""
   _, aux = teacher(images, dense=True, with_aux=True)
-  stats = {"recall": [], "density": [], "mass": [], "topk_mass": [],
-           "column_share": [], "teacher_column_share": []}
-  for block, q, k, probs in zip(student.blocks, aux["q"], aux["k"],
-                                aux["probs"]):
-    method = block.attn.method
-    mask = method.mask(q, k)[:, :, 1:]
-    oracle = sparsifiner.row_topk_mask(probs[:, :, 1:],
-                                       method.config.keys_per_row)
-    stats["recall"].append(jnp.sum(mask & oracle) / jnp.sum(oracle))
-    stats["density"].append(mask.mean())
-    rows = probs[:, :, 1:]
-    stats["mass"].append(jnp.mean(jnp.sum(jnp.where(mask, rows, 0.0), -1)))
-    stats["topk_mass"].append(
-        jnp.mean(jnp.sum(jnp.where(oracle, rows, 0.0), -1)))
-    stats["column_share"].append(column_share(mask))
-    stats["teacher_column_share"].append(column_share(oracle))
-  return {name: jnp.stack(x) for name, x in stats.items()}
+
+  def layer_stats(student):
+    stats = {"recall": [], "density": [], "mass": [], "topk_mass": [],
+             "column_share": [], "teacher_column_share": []}
+    for block, q, k, probs in zip(student.blocks, aux["q"], aux["k"],
+                                  aux["probs"]):
+      method = block.attn.method
+      mask = method.mask(q, k)[:, :, 1:]
+      oracle = sparsifiner.row_topk_mask(probs[:, :, 1:],
+                                         method.config.keys_per_row)
+      stats["recall"].append(jnp.sum(mask & oracle) / jnp.sum(oracle))
+      stats["density"].append(mask.mean())
+      rows = probs[:, :, 1:]
+      stats["mass"].append(
+          jnp.mean(jnp.sum(jnp.where(mask, rows, 0.0), -1)))
+      stats["topk_mass"].append(
+          jnp.mean(jnp.sum(jnp.where(oracle, rows, 0.0), -1)))
+      stats["column_share"].append(column_share(mask))
+      stats["teacher_column_share"].append(column_share(oracle))
+    return {name: jnp.stack(x) for name, x in stats.items()}
+
+  return [layer_stats(student) for student in students]
 
 
 def with_selection(student: vit.ViT, selection: str,
@@ -278,8 +284,8 @@ def evaluate(state: TrainState, digits: Digits, config) -> dict:
   s = state.student
   method = s.blocks[0].attn.method
   images = jnp.asarray(digits.images[digits.test[:128]])
-  stats = _mask_stats(state.teacher, s, images)
-  random_stats = _mask_stats(state.teacher, state.random_student, images)
+  stats, random_stats = _mask_stats(state.teacher,
+                                    (s, state.random_student), images)
   flops = sparsifiner.attention_flops(method.config, s.config.num_heads,
                                       s.config.head_dim)
   return {

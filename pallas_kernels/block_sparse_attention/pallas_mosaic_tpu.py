@@ -410,23 +410,30 @@ def _walk_slot(kern: _Kernel, b, h, n):
   return (lb * kern.list_heads + lh) * kern.steps + n
 
 
-def _step_field(kern: _Kernel, name: str):
-  """Field `name` of step n (`_Lists`) as an int32, read by (b, h, n, *refs).
+def _step_fields(kern: _Kernel, names: tuple[str, ...]):
+  """Fields `names` of step n (`_Lists`) as int32s, read by
+  (b, h, n, *refs) from one walk slot.
 
   Serves the index maps and the kernel bodies (with the prefetch refs).
   """
 
   def read(b, h, n, *refs):
     r = dict(zip(_prefetch_names(kern), refs))
-    return r[name][_walk_slot(kern, b, h, n)].astype(jnp.int32)
+    slot = _walk_slot(kern, b, h, n)
+    return tuple(r[name][slot].astype(jnp.int32) for name in names)
 
   return read
 
 
+def _step_field(kern: _Kernel, name: str):
+  """Index-map form of `_step_fields` for one field."""
+  read = _step_fields(kern, (name,))
+  return lambda b, h, n, *refs: read(b, h, n, *refs)[0]
+
+
 def _step(kern: _Kernel, refs, b, h, n):
   """(row, block, code, edge) of step n from the prefetch refs."""
-  return tuple(_step_field(kern, name)(b, h, n, *refs)
-               for name in ("row", "block", "code", "edge"))
+  return _step_fields(kern, ("row", "block", "code", "edge"))(b, h, n, *refs)
 
 
 def _key_slice(kern: _Kernel, ref, keys):
