@@ -73,7 +73,8 @@ def model_config(config) -> lm.LMConfig:
     method_config = dma.DMAConfig(window=a.window, variant=a.variant,
                                   granularity=a.granularity,
                                   exp_bias=a.exp_bias,
-                                  block_size=m.block_size)
+                                  block_size=m.block_size,
+                                  local_keys=a.local_keys)
   return lm.LMConfig(
       num_layers=m.num_layers, d_model=m.d_model, num_heads=m.num_heads,
       num_kv_heads=m.num_kv_heads, mlp_hidden=m.mlp_hidden,

@@ -28,6 +28,12 @@ group (Kmax = w) and leaves causality to the op. With `granularity="block"`,
 each key block is kept iff more than half of its keys were selected ("block
 smoothing"): a `BlockLayout` whose op skips whole tiles and needs no element
 mask beyond the causal diagonal.
+
+Ablation, not the paper: `local_keys` = r > 0 splits the w keys of a row
+into a sliding window and a learned part. Row i keeps its r most recent keys
+max(0, i - r + 1)..i plus the top-(w - r) of the older keys 0..i - r by
+beta (r = w is a sliding window with DMA's bias). It exists to measure how
+much of the window's advantage is recency alone.
 """
 
 from __future__ import annotations
@@ -68,6 +74,9 @@ class DMAConfig:
     causal: causal attention (decoders). `per_row` requires it.
     block_size: layout block size, and the query group of the row lists
       (clipped to the sequence length).
+    local_keys: r, an ablation (not in the paper): each row keeps its r most
+      recent keys plus the top-(w - r) of the older ones; 0 (default) is the
+      paper's method, w a sliding window. Needs per_row and element.
   """
 
   num_kv_heads: int = 2
@@ -79,6 +88,93 @@ class DMAConfig:
   dt_bias: bool = False
   causal: bool = True
   block_size: int = 128
+  local_keys: int = 0
+
+
+def _check_local_keys(config: DMAConfig) -> None:
+  """Raises ValueError unless local_keys is 0 or a valid ablation setting."""
+  r = config.local_keys
+  if not 0 <= r <= config.window:
+    raise ValueError(
+        f"local_keys must lie in [0, window={config.window}], got {r}")
+  if r and (config.variant, config.granularity) != (PER_ROW, ELEMENT):
+    raise ValueError(
+        f"local_keys > 0 needs variant={PER_ROW!r} and granularity="
+        f"{ELEMENT!r}, got {config.variant!r} and {config.granularity!r}")
+
+
+def _recent_slots(s: int, r: int, group: int):
+  """The r-key sliding window of every query group, as slots.
+
+  The group of rows a..a+R-1 lists the keys a - r + m, m = 0..R + r - 1;
+  key j is seen by rows i with i - r < j <= i, i.e. the group's rows
+  [m - r, m) clipped to [0, R). Keys outside [0, S) are padding (S).
+
+  Returns:
+    kv_idx, row_start, row_end int32 [Qg, R + r], Qg = ceil(S / R).
+  """
+  qg = layout_lib.cdiv(s, group)
+  m = jnp.arange(group + r, dtype=jnp.int32)
+  keys = (jnp.arange(qg, dtype=jnp.int32)[:, None] * group - r + m[None, :])
+  kv_idx = jnp.where((keys >= 0) & (keys < s), keys, s)
+  start = jnp.broadcast_to(jnp.clip(m - r, 0, group), kv_idx.shape)
+  end = jnp.broadcast_to(jnp.clip(m, 0, group), kv_idx.shape)
+  return kv_idx, start, end
+
+
+def _shifted_scores(scores: jax.Array, r: int) -> jax.Array:
+  """[..., S] scores moved r keys later; the r first are worse than any key.
+
+  Real scores are clipped one step above the f32 minimum, which the r
+  placeholders take, so a placeholder is only chosen when too few keys are.
+  """
+  scores = jax.lax.stop_gradient(scores).astype(jnp.float32)
+  low = jnp.finfo(jnp.float32).min
+  scores = jnp.maximum(scores, jnp.nextafter(low, jnp.float32(0)))
+  pad = jnp.full((*scores.shape[:-1], r), low)
+  return jnp.concatenate([pad, scores[..., :scores.shape[-1] - r]], -1)
+
+
+def local_topk_rows(scores: jax.Array, window: int, r: int, group: int
+                    ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """The `local_keys` ablation as row-sparse lists, without an S x S array.
+
+  Row i keeps keys max(0, i - r + 1)..i and the top-(w - r) of keys
+  0..i - r: the per-row prefix top-(w - r) of the scores shifted r keys
+  later (`selection.prefix_topk_rows`, key j + r standing for key j). Its
+  list for the group a..a+R-1 holds keys a - r..a - r + R - 1 (the shifted
+  group), seen from their first row in the window (m - r) to the row they
+  leave the top (a key leaves the window exactly when it enters the top
+  part), then the r keys a - r + R.. that are only in the window, then the
+  shifted top(a - 1).
+
+  Args:
+    scores: [..., S] per-key scores (no gradient flows through the choice).
+    window: w, keys kept per row.
+    r: recent keys per row, 1 <= r <= w.
+    group: R, query rows sharing one list.
+
+  Returns:
+    kv_idx int32 [..., Qg, R + r + min(w - r, S)] (S: padding), kv_cnt
+    int32 [..., Qg], row_start, row_end int32 [..., Qg, Kmax]: as
+    `selection.prefix_topk_rows`.
+  """
+  lead, s = scores.shape[:-1], scores.shape[-1]
+  recent = _recent_slots(s, r, group)
+  wide = lambda x: jnp.broadcast_to(x, (*lead, *x.shape))
+  kv_idx, start, end = (wide(x) for x in recent)
+  qg = kv_idx.shape[-2]
+  if r == window:
+    return (kv_idx, jnp.full((*lead, qg), kv_idx.shape[-1], jnp.int32), start,
+            end)
+  top_idx, top_cnt, _, top_end = selection.prefix_topk_rows(
+      _shifted_scores(scores, r), window - r, group)
+  old = top_idx[..., group:] - r
+  kv_idx = jnp.concatenate([kv_idx, jnp.where(old >= 0, old, s)], -1)
+  start = jnp.concatenate([start, jnp.zeros_like(old)], -1)
+  end = jnp.concatenate([top_end[..., :group], end[..., group:],
+                         top_end[..., group:]], -1)
+  return kv_idx, top_cnt + r, start, end
 
 
 class DMAMethod(base.SparseMethod):
@@ -102,6 +198,7 @@ class DMAMethod(base.SparseMethod):
       raise ValueError("the per_row variant is defined for causal attention")
     if config.window < 1:
       raise ValueError(f"window must be positive, got {config.window}")
+    _check_local_keys(config)
     self.config = config
     hkv = config.num_kv_heads
     self.dt_proj = nnx.Linear(hkv * config.head_dim, hkv,
@@ -137,15 +234,19 @@ class DMAMethod(base.SparseMethod):
     Returns:
       A RowLayout [B, Hkv] with group_size = min(block_size, S): for
       "per_row" the group's keys and the top-w of the keys before it, with
-      row ranges (causality included); for "query_agnostic" the w best keys
-      for every group, no row ranges (the op applies causality).
+      row ranges (causality included; with `local_keys`, see
+      `local_topk_rows`); for "query_agnostic" the w best keys for every
+      group, no row ranges (the op applies causality).
     """
     cfg = self.config
     s = scores.shape[-1]
     group = min(cfg.block_size, s)
     if cfg.variant == PER_ROW:
-      kv_idx, kv_cnt, row_start, row_end = selection.prefix_topk_rows(
-          scores, cfg.window, group)
+      if cfg.local_keys:
+        rows = local_topk_rows(scores, cfg.window, cfg.local_keys, group)
+      else:
+        rows = selection.prefix_topk_rows(scores, cfg.window, group)
+      kv_idx, kv_cnt, row_start, row_end = rows
       return RowLayout.from_indices(kv_idx, kv_cnt, num_keys=s,
                                     group_size=group, row_start=row_start,
                                     row_end=row_end)
@@ -225,7 +326,9 @@ class DMAMethod(base.SparseMethod):
   def decode_plan(self, q, k, v, *, index) -> base.SparsePlan:
     """One query at position `index` over the cache: top-w of keys <= index.
 
-    Both variants coincide here (no key lies after the query).
+    Both variants coincide here (no key lies after the query). With
+    `local_keys` = r: keys index - r + 1..index and the top-(w - r) of the
+    keys <= index - r.
 
     Args:
       q: [B, 1, Hq, D]; k, v: [B, S_max, Hkv, D] caches.
@@ -236,11 +339,18 @@ class DMAMethod(base.SparseMethod):
       [B, Hkv, S_max].
     """
     del q, k
+    cfg = self.config
     beta = self.key_bias(v)
-    s = beta.shape[-1]
-    idx, cnt = selection.topk_keys(
-        jax.lax.stop_gradient(beta), self.config.window,
-        valid=(jnp.arange(s) <= index)[None, None, :])
+    b, hkv, s = beta.shape
+    r = cfg.local_keys
+    recent = index - r + 1 + jnp.arange(r, dtype=jnp.int32)
+    idx = jnp.broadcast_to(jnp.where(recent >= 0, recent, s), (b, hkv, r))
+    cnt = jnp.full((b, hkv), r, jnp.int32)
+    if r < cfg.window:
+      top, top_cnt = selection.topk_keys(
+          jax.lax.stop_gradient(beta), cfg.window - r,
+          valid=(jnp.arange(s) <= index - r)[None, None, :])
+      idx, cnt = jnp.concatenate([idx, top], -1), cnt + top_cnt
     layout = RowLayout.from_indices(idx[:, :, None], cnt[:, :, None],
                                     num_keys=s)
     return base.SparsePlan(layout=layout, bias_k=beta)

@@ -60,6 +60,9 @@ def get_config(preset: str = "text_dma") -> ml_collections.ConfigDict:
   config.attn.variant = "per_row"  # DMA: or "query_agnostic"
   config.attn.granularity = "element"  # DMA: or "block"
   config.attn.exp_bias = False
+  # DMA ablation, not the paper: keep the most recent local_keys of the
+  # window keys, top-(window - local_keys) of the older ones.
+  config.attn.local_keys = 0
   config.attn.implementation = ml_collections.config_dict.placeholder(str)
 
   config.optim = ml_collections.ConfigDict()

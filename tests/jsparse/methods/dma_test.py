@@ -28,10 +28,12 @@ def _inputs(seed=0, t=T):
           jax.random.normal(kv, (B, t, HKV, D)))
 
 
-def _method(variant, granularity=dma.ELEMENT, exp_bias=False, window=W):
+def _method(variant, granularity=dma.ELEMENT, exp_bias=False, window=W,
+            local_keys=0):
   cfg = dma.DMAConfig(num_kv_heads=HKV, head_dim=D, window=window,
                       variant=variant, granularity=granularity,
-                      exp_bias=exp_bias, dt_bias=True, block_size=BLOCK)
+                      exp_bias=exp_bias, dt_bias=True, block_size=BLOCK,
+                      local_keys=local_keys)
   method = dma.DMAMethod(cfg, rngs=nnx.Rngs(0))
   # A != 0 so that the scores are distinct (A = 0 is tested separately).
   method.a[...] = jnp.array([0.7, -1.3])
@@ -54,6 +56,22 @@ def _naive_mask(beta, variant, window):
       for i in range(t):
         keep = np.argsort(-beta[b, h, :i + 1], kind="stable")[:window]
         mask[b, h, i, keep] = True
+  return mask
+
+
+def _naive_local_mask(beta, window, r):
+  """bool [B, Hkv, T, T]: keys i - r + 1..i plus the top-(w - r) of 0..i - r."""
+  beta = np.asarray(beta)
+  t = beta.shape[-1]
+  mask = np.zeros(beta.shape[:2] + (t, t), bool)
+  for i in range(t):
+    mask[..., i, max(0, i - r + 1):i + 1] = True
+    if i - r < 0:
+      continue
+    for b in range(beta.shape[0]):
+      for h in range(beta.shape[1]):
+        keep = np.argsort(-beta[b, h, :i - r + 1], kind="stable")
+        mask[b, h, i, keep[:window - r]] = True
   return mask
 
 
@@ -190,6 +208,45 @@ class DMATest(chex.TestCase):
     else:
       self.assertTrue(np.all(counts <= W))
 
+  # 1: one recent key; 20: more than the group's 16 (8 is tested below).
+  @parameterized.parameters(1, 20)
+  def test_local_keys_selection_matches_dense_mask(self, r):
+    beta = jax.random.normal(jax.random.key(6), (B, HKV, 90))
+    mask = _selected(_method(dma.PER_ROW, local_keys=r), beta)
+    np.testing.assert_array_equal(mask, _naive_local_mask(beta, W, r))
+
+  def test_local_keys_at_window_is_the_sliding_window(self):
+    beta = jax.random.normal(jax.random.key(7), (B, HKV, T))
+    mask = _selected(_method(dma.PER_ROW, local_keys=W), beta)
+    i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+    want = (j <= i) & (i - j < W)
+    np.testing.assert_array_equal(mask, np.broadcast_to(want, mask.shape))
+
+  def test_local_keys_matches_dense_reference(self):
+    # The layout carries no gradient: the bias's gradients are the paper
+    # path's, tested above.
+    q, k, v = _inputs(3)
+    method = _method(dma.PER_ROW, local_keys=8)
+
+    def ref(m, q, k, v):
+      beta = m.key_bias(v)
+      mask = _naive_local_mask(jax.lax.stop_gradient(beta), W, 8)
+      return _reference(q, k, v, jnp.asarray(mask), beta)
+
+    atol = 5 * tolerances.atol(jnp.float32)
+    np.testing.assert_allclose(_jit(_op, method)(q, k, v),
+                               ref(method, q, k, v), atol=atol, rtol=atol)
+
+  @parameterized.parameters(
+      dict(local_keys=-1), dict(local_keys=W + 1),
+      dict(local_keys=4, variant=dma.QUERY_AGNOSTIC),
+      dict(local_keys=4, granularity=dma.BLOCK))
+  def test_local_keys_rejects_other_settings(self, local_keys,
+                                             variant=dma.PER_ROW,
+                                             granularity=dma.ELEMENT):
+    with self.assertRaisesRegex(ValueError, "local_keys"):
+      _method(variant, granularity, local_keys=local_keys)
+
   def test_ties_at_zero_init_pick_lowest_indices(self):
     method = dma.DMAMethod(dma.DMAConfig(num_kv_heads=HKV, head_dim=D,
                                          window=W), rngs=nnx.Rngs(0))
@@ -227,9 +284,10 @@ class DMATest(chex.TestCase):
     atol = 5 * tolerances.atol(jnp.float32)
     np.testing.assert_allclose(out, ref, atol=atol, rtol=atol)
 
-  def test_decode_matches_last_row(self):
+  @parameterized.parameters(0, 8, W)
+  def test_decode_matches_last_row(self, local_keys):
     q, k, v = _inputs(4)
-    method = _method(dma.PER_ROW)
+    method = _method(dma.PER_ROW, local_keys=local_keys)
     full = _jit(_op, method)(q, k, v)
     index = T - 1
 
@@ -253,11 +311,14 @@ class DMATest(chex.TestCase):
 
   @parameterized.parameters((dma.PER_ROW, dma.ELEMENT),
                             (dma.QUERY_AGNOSTIC, dma.ELEMENT),
-                            (dma.PER_ROW, dma.BLOCK))
-  def test_plan_has_no_t_by_s_intermediate(self, variant, granularity):
+                            (dma.PER_ROW, dma.BLOCK),
+                            (dma.PER_ROW, dma.ELEMENT, 4096 // 16))
+  def test_plan_has_no_t_by_s_intermediate(self, variant, granularity,
+                                           local_keys=0):
     t = 4096
     cfg = dma.DMAConfig(num_kv_heads=HKV, head_dim=D, window=t // 8,
-                        variant=variant, granularity=granularity)
+                        variant=variant, granularity=granularity,
+                        local_keys=local_keys)
     method = dma.DMAMethod(cfg, rngs=nnx.Rngs(0))
     q, k, v = (jax.ShapeDtypeStruct((1, t, h, D), jnp.float32)
                for h in (HQ, HKV, HKV))
