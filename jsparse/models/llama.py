@@ -13,7 +13,6 @@ per head). `from_gguf` loads llama.cpp GGUF files (SmolLM2-135M from the
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Sequence
 
 from flax import nnx
@@ -94,15 +93,19 @@ class LlamaBlock(nnx.Module):
     self.down = linear(config.mlp_hidden, f)
 
   def __call__(self, x: jax.Array, *, layer: int,
-               delta: jax.Array | None = None) -> jax.Array:
-    """[B, T, F] -> [B, T, F]; see `Llama.__call__` for `delta`."""
+               decode: bool = False) -> jax.Array:
+    """[B, T, F] -> [B, T, F]; `decode`: one token against the cache."""
     h = self.attn_norm(x)
-    if delta is not None:
-      x = x + probed_attention(self.attn, h, delta)
+    if decode:
+      x = x + self.attn(h, decode=True)
     elif self.attn.method is None:
       x = x + self.attn(h, is_causal=True)
     else:
       x = x + self.attn(h, method_context={"layer": layer})
+    return self.mlp(x)
+
+  def mlp(self, x: jax.Array) -> jax.Array:
+    """The residual MLP half of the block: [B, T, F] -> [B, T, F]."""
     h = self.mlp_norm(x)
     return x + self.down(jax.nn.silu(self.gate(h)) * self.up(h))
 
@@ -145,12 +148,17 @@ class Llama(nnx.Module):
     for block, method in zip(self.layers, methods):
       block.attn.method = nnx.data(method)
 
+  @property
+  def attention_layers(self) -> list[attention.SparseAttention]:
+    """The attention module of every layer, in order."""
+    return [block.attn for block in self.layers]
+
   def hidden_states(self, tokens: jax.Array, *,
-                    deltas: Sequence[jax.Array] | None = None) -> jax.Array:
+                    decode: bool = False) -> jax.Array:
     """[B, T] int tokens -> [B, T, F] final normalised hidden states."""
     x = self.embed(tokens)
     for i, block in enumerate(self.layers):
-      x = block(x, layer=i, delta=None if deltas is None else deltas[i])
+      x = block(x, layer=i, decode=decode)
     return self.norm(x)
 
   def logits(self, hidden: jax.Array) -> jax.Array:
@@ -159,47 +167,43 @@ class Llama(nnx.Module):
       return self.embed.attend(hidden)
     return self.lm_head(hidden)
 
-  def __call__(self, tokens: jax.Array, *,
-               deltas: Sequence[jax.Array] | None = None) -> jax.Array:
+  def __call__(self, tokens: jax.Array, *, decode: bool = False
+               ) -> jax.Array:
     """Next-token logits.
 
     Args:
-      tokens: int [B, T].
-      deltas: optional, one f32 [B, Hq, T, T] array per layer: attention is
-        then computed densely as (softmax(causal logits) + delta) V, so that
-        d loss / d delta is the gradient w.r.t. the attention map (MoA's
-        profile). Zeros give the dense model.
+      tokens: int [B, T] ([B, 1] with `decode`).
+      decode: one token against every layer's cache (`init_cache`).
 
     Returns:
       f32 [B, T, V] logits.
     """
-    return self.logits(self.hidden_states(tokens, deltas=deltas))
+    return self.logits(self.hidden_states(tokens, decode=decode))
 
+  def init_cache(self, batch: int, max_len: int) -> None:
+    """Allocates every layer's decode cache for `max_len` tokens."""
+    for attn in self.attention_layers:
+      attn.init_cache((batch, max_len, self.config.d_model))
 
-def probed_attention(attn: attention.SparseAttention, x: jax.Array,
-                     delta: jax.Array) -> jax.Array:
-  """Dense causal attention with an additive probe on its probabilities.
+  def probed_logits(self, tokens: jax.Array, probes: Sequence[jax.Array]):
+    """Dense logits with a probe on every layer's attention output.
 
-  Args:
-    attn: the layer's SparseAttention (its projections and RoPE are used).
-    x: [B, T, F] normalised inputs.
-    delta: [B, Hq, T, T] added to the softmax probabilities.
+    Args:
+      tokens: int [B, T].
+      probes: one [B, T, Hq, D] per layer (see `SparseAttention.probed`):
+        the gradient of a loss w.r.t. them is the gradient at each
+        attention output.
 
-  Returns:
-    [B, T, F] the attention block's output.
-  """
-  t = x.shape[1]
-  pos = jnp.arange(t)
-  rotate = jax.vmap(attn.rope, in_axes=(-2, None), out_axes=-2)
-  q = rotate(attn.query(x), pos.astype(jnp.float32))
-  k = rotate(attn.key(x), pos.astype(jnp.float32))
-  v = attn.value(x)
-  group = attn.num_heads // attn.num_kv_heads
-  k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
-  s = jnp.einsum("bthd,bshd->bhts", q, k) / math.sqrt(q.shape[-1])
-  s = jnp.where(jnp.tril(jnp.ones((1, 1, t, t), bool)), s, -jnp.inf)
-  probs = jax.nn.softmax(s, -1) + delta
-  return attn.out(jnp.einsum("bhts,bshd->bthd", probs, v))
+    Returns:
+      (f32 [B, T, V] logits, [(q, k, v)] per layer with q and k rotated).
+    """
+    x = self.embed(tokens)
+    qkvs = []
+    for block, probe in zip(self.layers, probes, strict=True):
+      out, qkv = block.attn.probed(block.attn_norm(x), probe)
+      x = block.mlp(x + out)
+      qkvs.append(qkv)
+    return self.logits(self.norm(x)), qkvs
 
 
 def token_nll(model: Llama, tokens: jax.Array) -> jax.Array:
@@ -211,26 +215,45 @@ def token_nll(model: Llama, tokens: jax.Array) -> jax.Array:
 
 def greedy_generate(model: Llama, tokens: Sequence[int],
                     num_new: int) -> list[int]:
-  """Greedy continuation by full re-evaluation (short prompts, tests).
+  """Greedy continuation with a KV cache, on a copy of `model`.
+
+  The prompt runs token by token through the cache (one compiled scan),
+  then each new token is the argmax of the last logits (a second scan).
 
   Args:
-    model: the LM.
-    tokens: the prompt ids.
+    model: the LM (dense attention in decode, or its methods' decode
+      plans). It is not modified.
+    tokens: the prompt ids (at least one).
     num_new: tokens to generate.
 
   Returns:
     The `num_new` generated ids.
   """
-  prompt = len(tokens)
-  buf = np.zeros((1, prompt + num_new), np.int32)
-  buf[0, :prompt] = tokens
-  graphdef, state = nnx.split(model)
-  # Causal: the padding after position i never affects logits at i, so one
-  # compiled length serves every step.
-  step = jax.jit(lambda state, x, i: nnx.merge(graphdef, state)(x)[0, i])
-  for i in range(prompt, prompt + num_new):
-    buf[0, i] = int(jnp.argmax(step(state, jnp.asarray(buf), i - 1)))
-  return buf[0, prompt:].tolist()
+  if not len(tokens):
+    raise ValueError("tokens: the prompt needs at least one id")
+  decoder = nnx.clone(model)
+  decoder.init_cache(1, len(tokens) + num_new)
+  graphdef, cache, rest = nnx.split(decoder, nnx.Cache, ...)
+
+  def step(cache, token):
+    m = nnx.merge(graphdef, cache, rest)
+    logits = m(token.reshape(1, 1), decode=True)[0, -1]
+    return nnx.state(m, nnx.Cache), logits
+
+  @jax.jit
+  def run(cache, prompt):
+    cache, logits = jax.lax.scan(step, cache, prompt)
+    first = jnp.argmax(logits[-1]).astype(jnp.int32)
+
+    def next_token(carry, _):
+      cache, token = carry
+      cache, logits = step(cache, token)
+      return (cache, jnp.argmax(logits).astype(jnp.int32)), token
+
+    _, out = jax.lax.scan(next_token, (cache, first), None, length=num_new)
+    return out
+
+  return np.asarray(run(cache, jnp.asarray(tokens, jnp.int32))).tolist()
 
 
 def load_gguf_params(model: Llama, tensors: dict[str, np.ndarray]) -> None:

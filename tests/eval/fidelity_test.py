@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+
 from absl.testing import absltest
 import jax
 import numpy as np
@@ -55,6 +59,29 @@ class PlanDensityTest(absltest.TestCase):
     self.assertAlmostEqual(
         fidelity.mean_density([hip, hip], qkv, [dense_layer, sparse_layer]),
         (1.0 + sparse) / 2, places=6)
+
+
+class MergedReportTest(absltest.TestCase):
+
+  def _report(self, dense_ppl):
+    return {"smollm2_ppl": {"dense": {"density": 1.0, "ppl": dense_ppl},
+                            "moa": {"0.25": {"error": "infeasible"}},
+                            "hip": {"0.25": {"density": 0.2, "ppl": 40.0}}},
+            "minilm_cosine": {"window": {}}}
+
+  def test_update_replaces_the_families_run_and_keeps_the_rest(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      path = os.path.join(tmp, "f.json")
+      with open(path, "w") as f:
+        json.dump(self._report(34.5), f)
+      new = {"dense": {"density": 1.0, "ppl": 34.5},
+             "moa": {"0.25": {"density": 0.24, "ppl": 36.0}}}
+      report = fidelity._merged(path, new, {}, {"command": "c"})
+      self.assertEqual(report["smollm2_ppl"]["moa"]["0.25"]["ppl"], 36.0)
+      self.assertEqual(report["smollm2_ppl"]["hip"]["0.25"]["ppl"], 40.0)
+      self.assertEqual(report["updates"], [{"command": "c"}])
+      with self.assertRaisesRegex(ValueError, "dense perplexity"):
+        fidelity._merged(path, {"dense": {"ppl": 30.0}}, {}, {})
 
 
 if __name__ == "__main__":

@@ -93,6 +93,56 @@ class MoATest(mtb.MethodTestBase):
         np.testing.assert_allclose(est[i, j], loss(dropped) - loss(probs),
                                    atol=1e-5)
 
+  def test_probe_profile_matches_explicit_attention_gradient(self):
+    # dL/dA from an explicit map A (through A V) equals dO V^T of the probe.
+    model = moa.TinyLM(dim=32, heads=2, layers=2, rngs=nnx.Rngs(0))
+    n, block = 32, 8
+    tokens = jax.random.randint(jax.random.key(1), (2, n), 0, 256)
+    mask = jnp.broadcast_to(jnp.arange(n) >= n // 2, (2, n))
+    tiles = moa.profile_model(model, [(tokens, mask)], block)
+    self.assertEqual(tiles.shape, (2, 2, n // block, n // block))
+    attn, mlp = model.attns[1], model.mlps[1]
+    x = model.embed(tokens)
+    x = x + model.attns[0](model.norms[0](x), is_causal=True)
+    x = x + model.mlps[0](model.norms[1](x))
+    h = model.norms[2](x)
+    _, (q, k, v) = attn.probed(h, jnp.zeros((2, n, 2, 16)))
+    s = jnp.einsum("bthd,bshd->bhts", q, k) / 4.0
+    probs = jax.nn.softmax(
+        jnp.where(jnp.tril(jnp.ones((n, n), bool)), s, -jnp.inf), -1)
+
+    def loss(a):
+      y = x + attn.out(jnp.einsum("bhts,bshd->bthd", a, v))
+      y = y + mlp(model.norms[3](y))
+      return moa.response_loss(model.head(y), tokens, mask)
+
+    want = moa.tile_sums(
+        jnp.abs(moa.influence(probs, jax.grad(loss)(probs))), block).mean(0)
+    np.testing.assert_allclose(tiles[1], want, rtol=1e-4, atol=1e-7)
+    self.assertTrue(np.all(np.triu(tiles[1], 1) == 0))
+
+  def test_response_samples_are_suffixes_with_the_response_masked_in(self):
+    seq = np.arange(100)
+    out = moa.response_samples([seq], response_len=10, lengths=(32, 64))
+    tokens, mask = out[32][0]
+    np.testing.assert_array_equal(tokens[0], seq[-32:])
+    np.testing.assert_array_equal(mask[0], np.arange(32) >= 22)
+    with self.assertRaisesRegex(ValueError, "response_len"):
+      moa.response_samples([seq], response_len=40, lengths=(32,))
+
+  def test_search_density_is_the_inference_layout_density(self):
+    space = moa.SearchSpace(block=16, profile_lengths=(128, 256),
+                            extend_length=512)
+    cands = space.candidates()
+    _, density = moa.rule_cost(cands, None, 256, space)
+    n, b = 256, 16
+    causal = np.tril(np.ones((n, n), bool))
+    for (alpha, beta), d in list(zip(cands, density))[::7]:
+      layout = moa.host_layout(space.config([alpha], [beta]), n)
+      blocks = np.asarray(layout.to_block_mask())[0, 0] != 0
+      entries = np.repeat(np.repeat(blocks, b, 0), b, 1) & causal
+      self.assertAlmostEqual(d, entries.sum() / causal.sum())
+
   def test_milp_meets_budget_and_beats_uniform(self):
     rng = np.random.default_rng(0)
     space = moa.SearchSpace(block=16, profile_lengths=(128, 256),
@@ -116,6 +166,16 @@ class MoATest(mtb.MethodTestBase):
     self.assertTrue((betas > 0).any())
     for layer_a, layer_b in zip(plan["alphas"], plan["betas"]):
       self.assertLessEqual(len(set(zip(layer_a, layer_b))), 2)
+    plans = moa.pareto_plans(profiles, space)
+    self.assertGreaterEqual(len(plans), 1)
+    keys = {str((p["alphas"], p["betas"])) for p in plans}
+    self.assertLen(keys, len(plans))
+    for p in plans:
+      self.assertLessEqual(max(p["density"][str(n)]
+                               for n in space.budget_lengths()),
+                           space.density + 1e-9)
+    best, losses = moa.best_plan(plans, lambda p: p["loss_per_length"]["256"])
+    self.assertEqual(best["loss_per_length"]["256"], min(losses))
     with tempfile.TemporaryDirectory() as tmp:
       path = os.path.join(tmp, "plan.json")
       moa.save_plan(plan, path)

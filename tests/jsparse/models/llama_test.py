@@ -193,11 +193,39 @@ class LlamaLoaderTest(absltest.TestCase):
       self.model.set_methods(None)
     np.testing.assert_allclose(sparse, dense, atol=1e-4)
 
-  def test_probe_with_zero_deltas_is_dense(self):
+  def test_zero_probes_are_dense_and_their_gradient_is_the_output_grad(self):
     tokens = jnp.asarray(self.tokens[None, :16], jnp.int32)
-    deltas = [jnp.zeros((1, HQ, 16, 16))] * LAYERS
-    np.testing.assert_allclose(self.model(tokens, deltas=deltas),
-                               _logits(self.model, tokens), atol=1e-4)
+    probes = [jnp.zeros((1, 16, HQ, D))] * LAYERS
+    logits, qkvs = self.model.probed_logits(tokens, probes)
+    np.testing.assert_allclose(logits, _logits(self.model, tokens),
+                               atol=1e-4)
+    self.assertEqual([x.shape for x in qkvs[0]],
+                     [(1, 16, HQ, D), (1, 16, HKV, D), (1, 16, HKV, D)])
+    # The last layer's probe gradient is d loss / d (its attention output).
+    weight = jax.random.normal(jax.random.key(0), logits.shape)
+    grads = jax.grad(lambda p: jnp.sum(
+        self.model.probed_logits(tokens, p)[0] * weight))(probes)
+    x = self.model.embed(tokens)
+    for i, b in enumerate(self.model.layers[:-1]):
+      x = b(x, layer=i)
+    last = self.model.layers[-1]
+    q, k, v = last.attn.probed(last.attn_norm(x), probes[-1])[1]
+    o = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    loss = lambda o: jnp.sum(self.model.logits(self.model.norm(
+        last.mlp(x + last.attn.out(o)))) * weight)
+    np.testing.assert_allclose(grads[-1], jax.grad(loss)(o), rtol=1e-4,
+                               atol=1e-5)
+
+  def test_cached_greedy_generate_matches_full_reevaluation(self):
+    prompt = self.tokens[:7].tolist()
+    buf = list(prompt)
+    for _ in range(5):
+      logits = self.model(jnp.asarray([buf], jnp.int32))
+      buf.append(int(jnp.argmax(logits[0, -1])))
+    self.assertEqual(llama.greedy_generate(self.model, prompt, 5), buf[7:])
+    self.assertIsNone(self.model.layers[0].attn.cache_index)
+    with self.assertRaisesRegex(ValueError, "tokens"):
+      llama.greedy_generate(self.model, [], 1)
 
 
 @pytest.mark.slow
