@@ -269,12 +269,18 @@ def run_moa(args, model, tok, texts, results, qkv, windows, progress):
   """MoA's pipeline on SmolLM2 at every density target."""
   moa = _module("moa")
   n = args.context
+  start = time.time()
   sequences = moa_calibration(model, tok, texts, n, args.moa_response,
                               args.moa_samples)
+  tqdm.tqdm.write(f"moa: {len(sequences)} calibration sequences generated "
+                  f"in {time.time() - start:.0f} s")
   samples = moa.response_samples(sequences, args.moa_response,
                                  args.profile_lengths)
-  profiles = {m: moa.profile_model(model, s, MOA_BLOCK)
-              for m, s in samples.items()}
+  profiles = {}
+  for length, s in samples.items():
+    profiles[length] = moa.profile_model(model, s, MOA_BLOCK)
+    tqdm.tqdm.write(f"moa: profiled length {length} "
+                    f"({time.time() - start:.0f} s)")
   held = tok.encode("\n".join(texts[w][5000:]
                               for w in MOA_VALIDATION_WORKS)).ids
   m = args.validation_length

@@ -292,9 +292,10 @@ class SparseAttention(nnx.Module):
     if self.query_ln is not None:
       q, k = self.query_ln(q), self.key_ln(k)
     q, k = self._rotate_prefill(q, k, None)
-    o = jax.nn.dot_product_attention(q, k, v, is_causal=True,
-                                     scale=self.sm_scale)
-    return self.out(o + probe), (q, k, v)
+    # Rematerialised: a backward pass keeps q, k, v per layer, not T x S.
+    attend = jax.checkpoint(functools.partial(
+        jax.nn.dot_product_attention, is_causal=True, scale=self.sm_scale))
+    return self.out(attend(q, k, v) + probe), (q, k, v)
 
   def _check_call(self, inputs_q, inputs_k, inputs_v, deterministic,
                   sow_weights):

@@ -217,12 +217,13 @@ def greedy_generate(model: Llama, tokens: Sequence[int],
                     num_new: int) -> list[int]:
   """Greedy continuation with a KV cache, on a copy of `model`.
 
-  The prompt runs token by token through the cache (one compiled scan),
-  then each new token is the argmax of the last logits (a second scan).
+  The prompt runs in one dense causal forward that fills every layer's
+  cache; each new token is then the argmax of the last logits, decoded
+  against the cache (one compiled scan).
 
   Args:
-    model: the LM (dense attention in decode, or its methods' decode
-      plans). It is not modified.
+    model: the LM (dense attention for the prompt; in decode, dense or its
+      methods' decode plans). It is not modified.
     tokens: the prompt ids (at least one).
     num_new: tokens to generate.
 
@@ -231,8 +232,9 @@ def greedy_generate(model: Llama, tokens: Sequence[int],
   """
   if not len(tokens):
     raise ValueError("tokens: the prompt needs at least one id")
+  prompt = len(tokens)
   decoder = nnx.clone(model)
-  decoder.init_cache(1, len(tokens) + num_new)
+  decoder.init_cache(1, prompt + num_new)
   graphdef, cache, rest = nnx.split(decoder, nnx.Cache, ...)
 
   def step(cache, token):
@@ -241,16 +243,24 @@ def greedy_generate(model: Llama, tokens: Sequence[int],
     return nnx.state(m, nnx.Cache), logits
 
   @jax.jit
-  def run(cache, prompt):
-    cache, logits = jax.lax.scan(step, cache, prompt)
-    first = jnp.argmax(logits[-1]).astype(jnp.int32)
+  def run(cache, tokens):
+    m = nnx.merge(graphdef, cache, rest)
+    probes = [jnp.zeros((1, prompt, a.num_heads, a.head_dim))
+              for a in m.attention_layers]
+    logits, qkvs = m.probed_logits(tokens[None], probes)
+    for attn, (_, k, v) in zip(m.attention_layers, qkvs):
+      attn.cached_key[...] = attn.cached_key[...].at[:, :prompt].set(k)
+      attn.cached_value[...] = attn.cached_value[...].at[:, :prompt].set(v)
+      attn.cache_index[...] = jnp.asarray(prompt, jnp.int32)
+    first = jnp.argmax(logits[0, -1]).astype(jnp.int32)
 
     def next_token(carry, _):
       cache, token = carry
       cache, logits = step(cache, token)
       return (cache, jnp.argmax(logits).astype(jnp.int32)), token
 
-    _, out = jax.lax.scan(next_token, (cache, first), None, length=num_new)
+    _, out = jax.lax.scan(next_token, (nnx.state(m, nnx.Cache), first),
+                          None, length=num_new)
     return out
 
   return np.asarray(run(cache, jnp.asarray(tokens, jnp.int32))).tolist()
