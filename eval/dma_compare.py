@@ -15,7 +15,7 @@ and `local` (text_dma_local16: 16 of the 32 keys are the most recent ones,
 an ablation, not the paper).
 
 Recorded (`--ablations exp,block,local`, 2 seeds, 2000 text / 1500 MQAR
-steps, one CPU core, ~45 min): byte perplexity dense 5.38, window 5.34, DMA
+steps, one CPU core, 68 min): byte perplexity dense 5.38, window 5.34, DMA
 7.49 (exp 7.41, block 9.74, local16 5.44); MQAR accuracy dense 0.298, window
 0.070, DMA 0.166. DMA's top-w ranks keys by a value-only score that cannot
 see position, so it keeps the recent keys no more than a position-blind
