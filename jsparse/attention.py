@@ -191,6 +191,21 @@ class SparseAttention(nnx.Module):
     self.cached_value = nnx.Cache(jnp.zeros(shape, dtype))
     self.cache_index = nnx.Cache(jnp.array(0, jnp.int32))
 
+  def prefill_cache(self, k: jax.Array, v: jax.Array) -> None:
+    """Writes a prompt's keys and values into the first T cache slots.
+
+    Args:
+      k: [B, T, Hkv, D] keys, already rotated at positions 0..T-1 (as
+        `probed` returns them); v: [B, T, Hkv, D] values.
+    """
+    if self.cache_index is None:
+      raise ValueError(
+          "autoregressive cache not initialised: call init_cache first")
+    t = k.shape[1]
+    self.cached_key[...] = self.cached_key[...].at[:, :t].set(k)
+    self.cached_value[...] = self.cached_value[...].at[:, :t].set(v)
+    self.cache_index[...] = jnp.asarray(t, jnp.int32)
+
   def _rotate(self, x, positions):
     """RoPE of x [B, T, H, D] at positions [T] or [B, T]."""
     if self.rope is None:
@@ -272,7 +287,7 @@ class SparseAttention(nnx.Module):
     out = self.out(x, out_sharding=out_sharding)
     return (out, plan) if return_plan else out
 
-  def probed(self, x: jax.Array, probe: jax.Array):
+  def probed(self, x: jax.Array, probe: jax.Array | None = None):
     """Dense causal self-attention with an additive probe on its output.
 
     The probe is added to the per-head output before the output projection,
@@ -282,7 +297,7 @@ class SparseAttention(nnx.Module):
 
     Args:
       x: [B, T, F] inputs.
-      probe: [B, T, Hq, D]; zeros give the plain dense layer.
+      probe: [B, T, Hq, D], or None for the plain dense layer.
 
     Returns:
       ([B, T, out_features], (q [B, T, Hq, D], k [B, T, Hkv, D], v)): the
@@ -295,7 +310,8 @@ class SparseAttention(nnx.Module):
     # Rematerialised: a backward pass keeps q, k, v per layer, not T x S.
     attend = jax.checkpoint(functools.partial(
         jax.nn.dot_product_attention, is_causal=True, scale=self.sm_scale))
-    return self.out(attend(q, k, v) + probe), (q, k, v)
+    o = attend(q, k, v)
+    return self.out(o if probe is None else o + probe), (q, k, v)
 
   def _check_call(self, inputs_q, inputs_k, inputs_v, deterministic,
                   sow_weights):

@@ -185,20 +185,22 @@ class Llama(nnx.Module):
     for attn in self.attention_layers:
       attn.init_cache((batch, max_len, self.config.d_model))
 
-  def probed_logits(self, tokens: jax.Array, probes: Sequence[jax.Array]):
+  def probed_logits(self, tokens: jax.Array,
+                    probes: Sequence[jax.Array] | None = None):
     """Dense logits with a probe on every layer's attention output.
 
     Args:
       tokens: int [B, T].
       probes: one [B, T, Hq, D] per layer (see `SparseAttention.probed`):
         the gradient of a loss w.r.t. them is the gradient at each
-        attention output.
+        attention output; None: no probes.
 
     Returns:
       (f32 [B, T, V] logits, [(q, k, v)] per layer with q and k rotated).
     """
     x = self.embed(tokens)
     qkvs = []
+    probes = [None] * len(self.layers) if probes is None else probes
     for block, probe in zip(self.layers, probes, strict=True):
       out, qkv = block.attn.probed(block.attn_norm(x), probe)
       x = block.mlp(x + out)
@@ -245,13 +247,9 @@ def greedy_generate(model: Llama, tokens: Sequence[int],
   @jax.jit
   def run(cache, tokens):
     m = nnx.merge(graphdef, cache, rest)
-    probes = [jnp.zeros((1, prompt, a.num_heads, a.head_dim))
-              for a in m.attention_layers]
-    logits, qkvs = m.probed_logits(tokens[None], probes)
+    logits, qkvs = m.probed_logits(tokens[None])
     for attn, (_, k, v) in zip(m.attention_layers, qkvs):
-      attn.cached_key[...] = attn.cached_key[...].at[:, :prompt].set(k)
-      attn.cached_value[...] = attn.cached_value[...].at[:, :prompt].set(v)
-      attn.cache_index[...] = jnp.asarray(prompt, jnp.int32)
+      attn.prefill_cache(k, v)
     first = jnp.argmax(logits[0, -1]).astype(jnp.int32)
 
     def next_token(carry, _):
