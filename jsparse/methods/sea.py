@@ -632,22 +632,25 @@ class SEAMethod(base.SparseMethod):
     width = cfg.predictor_len // cfg.width_divisor
     s = cfg.channels_per_head
     rows = self.row_decoder(z).reshape(b, h, t, s, width)
+    if cfg.causal:  # the width norm acts on the contiguous last axis
+      rows = self.width_norm(rows)
     x = rows.transpose(0, 2, 4, 1, 3).reshape(b, t, width, h * s)
+    for conv in self.convs:
+      x = jax.nn.relu(conv(x))
     if cfg.causal:
-      x = jnp.moveaxis(self.width_norm(jnp.moveaxis(x, 2, 3)), 3, 2)
-      for conv in self.convs:
-        x = jax.nn.relu(conv(x))
-      # The 1x1 head mix commutes with the nearest upsampling.
-      x = jnp.repeat(self.head_mix(x), cfg.width_divisor, axis=2)
+      # The 1x1 head mix commutes with the nearest upsampling, which runs
+      # last, on the head-major map.
+      x = jnp.moveaxis(self.head_mix(x), 3, 1)  # [B, H, T, T_M / d]
+      x = jnp.repeat(x, cfg.width_divisor, axis=3)
     else:
-      for conv in self.convs:
-        x = jax.nn.relu(conv(x))
-      x = jnp.repeat(x, 2, axis=1)[:, :t]
-      x = self.head_mix(x)
-    if x.shape[2] != cfg.predictor_len:
-      x = jax.image.resize(x, (b, t, cfg.predictor_len, h), "bilinear")
-    logits = self.out_norm(jnp.moveaxis(x, 3, 1))
-    return logits, self.gates(z)
+      x = self.head_mix(jnp.repeat(x, 2, axis=1)[:, :t])
+      if x.shape[2] != cfg.predictor_len:
+        x = jax.image.resize(x, (b, t, cfg.predictor_len, h), "bilinear")
+      x = jnp.moveaxis(x, 3, 1)
+    # Materialised before the norm: XLA:CPU otherwise fuses the transpose
+    # and the upsampling into the norm's reductions, at 5x the norm's cost.
+    x = jax.lax.optimization_barrier(x)
+    return self.out_norm(x), self.gates(z)
 
   def plan(self, q: jax.Array, k: jax.Array, v: jax.Array,
            **kwargs) -> base.SparsePlan:
