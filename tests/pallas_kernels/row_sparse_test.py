@@ -69,10 +69,11 @@ class RowSparseAttentionTest(parameterized.TestCase):
 
   # Every layout head count, group sizes with row ranges, and every bias
   # shape: [B|1, Hq|Hkv|1, S] (Hkv with per-q-head lists is repeated).
+  # Per-q-head lists of group 1 take the fused products (`_contract`).
   @parameterized.parameters(
       ("shared", 1, jnp.float32, (1, 1)), ("kv", 4, jnp.float32, (2, 2)),
       ("q", 4, jnp.float32, (1, 2)), ("q", 1, jnp.bfloat16, (2, 4)),
-      ("kv", 4, jnp.bfloat16, (1, 4)))
+      ("kv", 4, jnp.bfloat16, (1, 4)), ("q", 1, jnp.float32, (1, 4)))
   def test_random_lists(self, heads, group_size, dtype, bias_shape):
     b, t, s, hq, hkv, d = 2, 37, 29, 4, 2, 8
     q, k, v = random_qkv(0, b, t, s, hq, hkv, d, dtype)
