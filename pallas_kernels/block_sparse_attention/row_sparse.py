@@ -133,34 +133,20 @@ def _head_major(x):
   return x.transpose(0, 2, 1, 3)
 
 
-def _contract(subscripts: str, x, y, geo: _Geometry):
-  """jnp.einsum(subscripts, x, y) accumulated in f32, for the products that
-  contract the head dim D of two rows (q.k, dO.v) or none (outer products).
+def _rows_dot_keys(rows, keys, geo: _Geometry):
+  """f32 [B, L, C, G, R, M]: rows [B, L, C, G, R, D] . keys [B, L, C, M, D].
 
-  Where each list serves one query row (G R = 1) these are matvecs and outer
-  products. XLA:CPU runs a matvec against the gathered keys as a dot only
-  after copying them transposed, at twice the cost of the gather itself; a
-  fused multiply-and-reduce reads them in place (SEA's attention at T=8192:
-  0.75x the forward time, 0.8x the backward). So there the contraction is a
-  broadcast product summed over the contracted letters, which come last.
-  The P.V and dS.K products keep jnp.einsum: their dot reads V and K as
-  they are gathered.
+  With one query row per list (G R = 1) this is a matvec, and the gathered
+  keys go first, as its matrix: XLA:CPU copies a dot's right-hand side
+  transposed, and for the keys that copy cost twice the gather (with the
+  keys first, SEA's attention at T=8192 takes about 0.65x the forward and
+  0.6x the backward time).
   """
-  if geo.group * geo.group_size != 1:
-    return jnp.einsum(subscripts, x, y, preferred_element_type=jnp.float32)
-  inputs, out = subscripts.split("->")
-  x_sub, y_sub = inputs.split(",")
-  letters = out + "".join(c for c in dict.fromkeys(x_sub + y_sub)
-                          if c not in out)
-
-  def spread(a, sub):  # a's axes in `letters` order, size 1 where absent
-    present = [c for c in letters if c in sub]
-    a = jnp.transpose(a.astype(jnp.float32), [sub.index(c) for c in present])
-    return a.reshape([a.shape[present.index(c)] if c in sub else 1
-                      for c in letters])
-
-  axes = tuple(range(len(out), len(letters)))
-  return jnp.sum(spread(x, x_sub) * spread(y, y_sub), axis=axes)
+  if geo.group * geo.group_size == 1:
+    return jnp.moveaxis(jnp.einsum("blcmd,blcgrd->blcmgr", keys, rows,
+                                   preferred_element_type=jnp.float32), 3, 5)
+  return jnp.einsum("blcgrd,blcmd->blcgrm", rows, keys,
+                    preferred_element_type=jnp.float32)
 
 
 # -- bias -------------------------------------------------------------------
@@ -248,7 +234,7 @@ def _chunk(k, v, bias, kv_seg, causal_offset, xs, geo: _Geometry) -> _Chunk:
     bias_c = bias[bias_index][..., None, :]  # [B, L, C, G|1, 1, M]
   visible = _visible(lay, idx, q_seg_c, kv_seg, causal_offset, n * geo.chunk,
                      geo)
-  dot = _contract("blcgrd,blcmd->blcgrm", qc, kc, geo)
+  dot = _rows_dot_keys(qc, kc, geo)
   s = tile_math.mask_logits(tile_math.logits(dot, geo.spec, bias_c), visible)
   return _Chunk(qc, kc, vc, kv_index, bias_index, dot, s, visible)
 
@@ -303,15 +289,17 @@ def _backward(geo, residuals, cotangents):
     chunk_xs, do, lse_c, delta_c = xs
     c = _chunk(kt, vt, bias, kv_seg, causal_offset, chunk_xs, geo)
     p = tile_math.probabilities(c.s, lse_c[..., None])
-    dp = _contract("blcgrd,blcmd->blcgrm", do, c.v, geo)
+    dp = _rows_dot_keys(do, c.v, geo)
     ds = tile_math.logits_cotangent(p, dp, delta_c[..., None])
     # Masked slots get no gradient even where dP - delta is not finite.
     ds = jnp.where(c.visible, ds, 0.0)
     ddot = tile_math.dot_cotangent(ds, c.dot, geo.spec).astype(q.dtype)
     dq = jnp.einsum("blcgrm,blcmd->blcgrd", ddot, c.k,
                     preferred_element_type=jnp.float32)
-    dk = _contract("blcgrm,blcgrd->blcmd", ddot, c.q, geo)
-    dv = _contract("blcgrm,blcgrd->blcmd", p.astype(do.dtype), do, geo)
+    dk = jnp.einsum("blcgrm,blcgrd->blcmd", ddot, c.q,
+                    preferred_element_type=jnp.float32)
+    dv = jnp.einsum("blcgrm,blcgrd->blcmd", p.astype(do.dtype), do,
+                    preferred_element_type=jnp.float32)
     dk_acc, dv_acc, dbias_acc = acc
     dk_acc = dk_acc.at[c.kv_index].add(dk)
     dv_acc = dv_acc.at[c.kv_index].add(dv)

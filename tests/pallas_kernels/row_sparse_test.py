@@ -69,7 +69,7 @@ class RowSparseAttentionTest(parameterized.TestCase):
 
   # Every layout head count, group sizes with row ranges, and every bias
   # shape: [B|1, Hq|Hkv|1, S] (Hkv with per-q-head lists is repeated).
-  # Per-q-head lists of group 1 take the fused products (`_contract`).
+  # Per-q-head lists of group 1 put the keys first (`_rows_dot_keys`).
   @parameterized.parameters(
       ("shared", 1, jnp.float32, (1, 1)), ("kv", 4, jnp.float32, (2, 2)),
       ("q", 4, jnp.float32, (1, 2)), ("q", 1, jnp.bfloat16, (2, 4)),
