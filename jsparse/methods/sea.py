@@ -217,7 +217,9 @@ def _search(key: jax.Array, n: jax.Array) -> tuple[jax.Array, jax.Array]:
     (thr, cut) int32 [...].
   """
   c = key.shape[-1]
-  count = lambda pred: jnp.sum(pred, -1, dtype=jnp.int32)
+  # XLA:CPU counts faster in f32 (1.6x), exact while c < 2^24.
+  dtype = jnp.float32 if c < 1 << 24 else jnp.int32
+  count = lambda pred: jnp.sum(pred.astype(dtype), -1).astype(jnp.int32)
   need = jnp.maximum(n, 1)
 
   def value_bit(i, thr):
