@@ -113,19 +113,23 @@ def _unchunk_stat(x, geo: _Geometry):
   return x.reshape(geo.batch, geo.num_q_heads, geo.padded_len)
 
 
-def _chunk_layout(layout, geo: _Geometry):
-  """The layout's leaves split into N chunks of C groups: [N, Bl, Hl, C, ...].
+def _pad_layout(layout, geo: _Geometry):
+  """The layout's leaves padded to N C groups: [Bl, Hl, N C, ...].
 
-  Groups added by the padding get count 0 (their rows see nothing).
+  Groups added by the padding get count 0 (their rows see nothing). Each
+  step slices its chunk out in place (`_layout_chunk`): moving the chunk
+  axis first would copy the lists transposed.
   """
   pad = geo.num_chunks * geo.chunk - layout.num_groups
+  return jax.tree.map(
+      lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, pad)]
+                        + [(0, 0)] * (x.ndim - 3)), layout)
 
-  def split(x):
-    x = jnp.pad(x, [(0, 0), (0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 3))
-    x = x.reshape(*x.shape[:2], geo.num_chunks, geo.chunk, *x.shape[3:])
-    return jnp.moveaxis(x, 2, 0)
 
-  return jax.tree.map(split, layout)
+def _layout_chunk(layout, n, geo: _Geometry):
+  """Chunk n of a `_pad_layout` layout: leaves [Bl, Hl, C, ...]."""
+  return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(
+      x, n * geo.chunk, geo.chunk, axis=2), layout)
 
 
 def _head_major(x):
@@ -218,12 +222,15 @@ def _visible(layout, idx, q_seg, kv_seg, causal_offset, first_group,
   return visible[:, :, :, None]
 
 
-def _chunk(k, v, bias, kv_seg, causal_offset, xs, geo: _Geometry) -> _Chunk:
+def _chunk(k, v, bias, kv_seg, causal_offset, layout, xs,
+           geo: _Geometry) -> _Chunk:
   """Gathers one chunk's keys and computes its masked logits.
 
   `k` and `v` are head-major [B, Hkv, S, D]: each gathered row is contiguous.
+  `layout` is the `_pad_layout` of the whole layout.
   """
-  qc, lay, q_seg_c, n = xs
+  qc, q_seg_c, n = xs
+  lay = _layout_chunk(layout, n, geo)
   idx = jnp.clip(lay.kv_idx, 0, k.shape[2] - 1)  # [Bl, Hl, C, M]
   kv_index = (jnp.arange(geo.batch)[:, None, None, None],
               geo.kv_head()[None, :, None, None], idx)
@@ -239,14 +246,13 @@ def _chunk(k, v, bias, kv_seg, causal_offset, xs, geo: _Geometry) -> _Chunk:
   return _Chunk(qc, kc, vc, kv_index, bias_index, dot, s, visible)
 
 
-def _scan_inputs(q, q_seg, layout, geo: _Geometry):
+def _scan_inputs(q, q_seg, geo: _Geometry):
   """Per-chunk inputs (leading axis N) of the forward and backward scans."""
   q_seg_c = None
   if q_seg is not None:
     q_seg_c = q_seg.reshape(geo.batch, geo.num_chunks, geo.chunk,
                             geo.group_size).transpose(1, 0, 2, 3)
-  return (_chunk_rows(q, geo), _chunk_layout(layout, geo), q_seg_c,
-          jnp.arange(geo.num_chunks))
+  return _chunk_rows(q, geo), q_seg_c, jnp.arange(geo.num_chunks)
 
 
 # -- forward and backward -----------------------------------------------------
@@ -257,16 +263,17 @@ def _forward(geo, q, k, v, bias_k, q_seg, kv_seg, causal_offset, layout):
   """out [B, Tp, Hq, D] and lse f32 [B, Hq, Tp] on padded inputs."""
   bias = None if bias_k is None else _arrange_bias(bias_k, geo)
   kt, vt = _head_major(k), _head_major(v)
+  layout = _pad_layout(layout, geo)
 
   def body(xs):
-    c = _chunk(kt, vt, bias, kv_seg, causal_offset, xs, geo)
+    c = _chunk(kt, vt, bias, kv_seg, causal_offset, layout, xs, geo)
     p, l, lse = tile_math.softmax_stats(c.s, axes=-1)
     probs = tile_math.normalise(p, l).astype(v.dtype)
     out = jnp.einsum("blcgrm,blcmd->blcgrd", probs, c.v,
                      preferred_element_type=jnp.float32)
     return out.astype(q.dtype), lse[..., 0]
 
-  out, lse = jax.lax.map(body, _scan_inputs(q, q_seg, layout, geo))
+  out, lse = jax.lax.map(body, _scan_inputs(q, q_seg, geo))
   return _unchunk_rows(out, geo), _unchunk_stat(lse, geo)
 
 
@@ -281,13 +288,14 @@ def _backward(geo, residuals, cotangents):
   # d(lse)/d(s) = p, so the lse cotangent enters as delta - dlse.
   delta = jnp.sum(dout.astype(jnp.float32) * out.astype(jnp.float32), -1)
   delta = delta.transpose(0, 2, 1) - dlse.astype(jnp.float32)
-  xs = (_scan_inputs(q, q_seg, layout, geo), _chunk_rows(dout, geo),
+  xs = (_scan_inputs(q, q_seg, geo), _chunk_rows(dout, geo),
         _chunk_stat(lse, geo), _chunk_stat(delta, geo))
   kt, vt = _head_major(k), _head_major(v)
+  layout = _pad_layout(layout, geo)
 
   def body(acc, xs):
     chunk_xs, do, lse_c, delta_c = xs
-    c = _chunk(kt, vt, bias, kv_seg, causal_offset, chunk_xs, geo)
+    c = _chunk(kt, vt, bias, kv_seg, causal_offset, layout, chunk_xs, geo)
     p = tile_math.probabilities(c.s, lse_c[..., None])
     dp = _rows_dot_keys(do, c.v, geo)
     ds = tile_math.logits_cotangent(p, dp, delta_c[..., None])
