@@ -207,7 +207,8 @@ def _search(key: jax.Array, n: jax.Array) -> tuple[jax.Array, jax.Array]:
   The n best (ties: lower index first) are the entries with key > thr and
   those with key == thr at an index below cut. thr, the largest v with at
   least n keys >= v, is built bit by bit from the top (32 counting passes);
-  cut comes from a bisection on the index (log2 C passes).
+  cut is one past the position of the last tie to keep, read from the
+  packed tie bits (`_nth_set`: one pass and popcounts, not log2 C passes).
 
   Args:
     key: int32 [..., C].
@@ -233,18 +234,10 @@ def _search(key: jax.Array, n: jax.Array) -> tuple[jax.Array, jax.Array]:
 
   thr = jnp.where(count(key >= 0) >= need, 0, _MIN_KEY).astype(jnp.int32)
   thr = jax.lax.fori_loop(0, 31, value_bit, thr)
-  ties = key == thr[..., None]
   left = n - count(key > thr[..., None])  # ties to keep
-  index = jax.lax.broadcasted_iota(jnp.int32, key.shape, key.ndim - 1)
-  bits = c.bit_length()
-
-  def index_bit(i, cut):
-    cand = cut + jnp.left_shift(jnp.int32(1), bits - 1 - i)
-    return jnp.where(count(ties & (index < cand[..., None])) <= left, cand,
-                     cut)
-
-  cut = jax.lax.fori_loop(0, bits, index_bit, jnp.zeros_like(thr))
-  return thr, jnp.where(left > 0, cut, 0)
+  last, _ = _nth_set(key == thr[..., None],
+                     jnp.maximum(left, 1)[..., None] - 1)
+  return thr, jnp.where(left > 0, last[..., 0] + 1, 0)
 
 
 def _cuts(key, count, owns=None, group_count=None):
@@ -297,7 +290,7 @@ def top_n_mask(scores: jax.Array, n: jax.Array) -> jax.Array:
   """The n best entries of each last-axis row, for a per-row n (no sort).
 
   Ties go to the lower index, as a stable descending sort would order them.
-  No gradient flows through the choice. O(size * (32 + log2 C)) compares.
+  No gradient flows through the choice. O(33 size) compares.
 
   Args:
     scores: [..., C] float scores.
@@ -362,9 +355,10 @@ def select_cells(estimate: jax.Array, topk: int, causal: bool,
     bool [B, H, T, T_M].
   """
   b, h, t, tm = estimate.shape
-  _, length = cell_runs(visible_len, tm)  # [T, T_M]
-  owns = length > 0
-  per_head = jnp.minimum(capacity // length.max(-1), tm)  # C_t [T]
+  with jax.ensure_compile_time_eval():  # constants for static row lengths
+    _, length = cell_runs(visible_len, tm)  # [T, T_M]
+    owns = length > 0
+    per_head = jnp.minimum(capacity // length.max(-1), tm)  # C_t [T]
   key = _order_keys(estimate)
   if causal:  # rows (b, t), groups: heads
     rows = jnp.moveaxis(key, 1, 2).reshape(b * t, h, tm)
@@ -393,8 +387,9 @@ def _nth_set(mask: jax.Array, which: jax.Array
   """Position of the which-th set entry of each last-axis row (from 0).
 
   The row is packed into 32-bit words; the word comes from the running
-  popcounts and the bit from a 5-step popcount bisection. Everything is
-  elementwise on `which`'s shape (a loop over the C / 32 words), with no
+  popcounts and the bit from a 5-step popcount bisection. One rank per row
+  (M = 1) finds its word in one compare pass over the words; several ranks
+  loop over the C / 32 words elementwise on `which`'s shape, so there is no
   scatter, sort or [..., M, C / 32] array.
 
   Args:
@@ -413,15 +408,22 @@ def _nth_set(mask: jax.Array, which: jax.Array
   packed = jnp.sum(bits << shifts, -1, dtype=jnp.uint32)  # [..., W]
   ones = jax.lax.population_count(packed).astype(jnp.int32)
   before = jnp.cumsum(ones, -1) - ones  # set entries before each word
-  rank = jnp.zeros(jnp.broadcast_shapes(which.shape, mask.shape[:-1] + (1,)),
-                   jnp.int32)
-  word = jnp.zeros(rank.shape, jnp.uint32)
-  index = jnp.zeros(rank.shape, jnp.int32)
-  for w in range(words):  # the last word whose first rank is <= which
-    here = before[..., w:w + 1] <= which
-    index = jnp.where(here, w, index)
-    rank = jnp.where(here, which - before[..., w:w + 1], rank)
-    word = jnp.where(here, packed[..., w:w + 1], word)
+  shape = jnp.broadcast_shapes(which.shape, mask.shape[:-1] + (1,))
+  # The word of each rank: the last word whose first rank is <= which.
+  if shape[-1] == 1:
+    which = jnp.broadcast_to(which, shape)
+    index = jnp.sum(before <= which, -1, keepdims=True, dtype=jnp.int32) - 1
+    rank = which - jnp.take_along_axis(before, index, -1)
+    word = jnp.take_along_axis(packed, index, -1)
+  else:
+    rank = jnp.zeros(shape, jnp.int32)
+    word = jnp.zeros(shape, jnp.uint32)
+    index = jnp.zeros(shape, jnp.int32)
+    for w in range(words):
+      here = before[..., w:w + 1] <= which
+      index = jnp.where(here, w, index)
+      rank = jnp.where(here, which - before[..., w:w + 1], rank)
+      word = jnp.where(here, packed[..., w:w + 1], word)
   pos = jnp.zeros_like(rank)
   for width in (16, 8, 4, 2, 1):
     low = jax.lax.population_count(
@@ -452,11 +454,15 @@ def key_lists(kept: jax.Array, visible_len: jax.Array, capacity: int,
     kv_idx int32 [B, H, T, Kmax] and kv_cnt int32 [B, H, T].
   """
   tm = kept.shape[-1]
-  length = jnp.asarray(visible_len, jnp.int32)
-  longest = cell_runs(length, tm)[1].max(-1)  # R_t [T]
+  with jax.ensure_compile_time_eval():  # a constant for static row lengths
+    length = jnp.asarray(visible_len, jnp.int32)
+    longest = cell_runs(length, tm)[1].max(-1)  # R_t [T]
   length, longest = (x.reshape(1, 1, -1, 1) for x in (length, longest))
   slot = jnp.arange(capacity, dtype=jnp.int32).reshape(1, 1, 1, -1)
-  which, offset = slot // longest, slot % longest  # [1, 1, T, Kmax]
+  # slot // R_t as a float division, which vectorises (int division does
+  # not); exact while Kmax < 2^23, as slot + 0.5 is 0.5 from any multiple.
+  which = jnp.floor((slot + 0.5) / longest).astype(jnp.int32)
+  offset = slot - which * longest  # [1, 1, T, Kmax]
   cell, count = _nth_set(kept, which)
   first = run_start(cell, length, tm)
   run = run_start(cell + 1, length, tm) - first
@@ -682,7 +688,8 @@ class SEAMethod(base.SparseMethod):
     capacity = cfg.key_capacity(s)
     logits, gates = self.estimate(q, k, v)
     estimate = jax.nn.softmax(logits, -1)
-    visible_len = row_lengths(t, s, cfg.causal)
+    with jax.ensure_compile_time_eval():
+      visible_len = row_lengths(t, s, cfg.causal)
     kept = select_cells(estimate, cfg.topk, cfg.causal, visible_len,
                         capacity)
     kv_idx, kv_cnt = key_lists(kept, visible_len, capacity, s)
