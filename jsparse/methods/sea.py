@@ -334,7 +334,8 @@ def grouped_topk(estimate: jax.Array, topk: int, causal: bool) -> jax.Array:
 
 
 def select_cells(estimate: jax.Array, topk: int, causal: bool,
-                 visible_len: jax.Array, capacity: int) -> jax.Array:
+                 visible_len: jax.Array, capacity: int, *,
+                 head_axis: int = 1) -> jax.Array:
   """The cells each key list keeps: grouped top-k under a per-head cap.
 
   The grouped top-k of `grouped_topk`, of which row t of each head keeps
@@ -345,28 +346,31 @@ def select_cells(estimate: jax.Array, topk: int, causal: bool,
   cells, intersected with the grouped selection.
 
   Args:
-    estimate: [B, H, T, T_M] scores.
+    estimate: [B, H, T, T_M] scores, or [B, T, H, T_M] with head_axis=2
+      (the causal search reads rows (b, t) and needs no transpose then).
     topk: k.
     causal: the grouping mode.
     visible_len: int [T] L of each row.
     capacity: Kmax.
+    head_axis: 1 or 2, where the heads are.
 
   Returns:
-    bool [B, H, T, T_M].
+    bool, in the layout of `estimate`.
   """
-  b, h, t, tm = estimate.shape
+  b, tm = estimate.shape[0], estimate.shape[3]
+  h, t = estimate.shape[head_axis], estimate.shape[3 - head_axis]
   with jax.ensure_compile_time_eval():  # constants for static row lengths
     _, length = cell_runs(visible_len, tm)  # [T, T_M]
     owns = length > 0
     per_head = jnp.minimum(capacity // length.max(-1), tm)  # C_t [T]
   key = _order_keys(estimate)
   if causal:  # rows (b, t), groups: heads
-    rows = jnp.moveaxis(key, 1, 2).reshape(b * t, h, tm)
+    rows = jnp.moveaxis(key, head_axis, 2).reshape(b * t, h, tm)
     count = jnp.broadcast_to(_budget(h, topk, tm, t), (b, t))
     owns = jnp.broadcast_to(owns[None, :, None], (b, t, 1, tm))
     group_count = jnp.broadcast_to(per_head[None, :, None], (b, t, h))
   else:  # rows: samples, groups: (head, query)
-    rows = key.reshape(b, h * t, tm)
+    rows = jnp.moveaxis(key, head_axis, 1).reshape(b, h * t, tm)
     count = jnp.full((b,), min(h * topk * tm, h * t * tm), jnp.int32)
     owns = jnp.broadcast_to(owns[:1], (b, 1, tm))
     group_count = jnp.broadcast_to(per_head, (b, h, t))
@@ -378,8 +382,8 @@ def select_cells(estimate: jax.Array, topk: int, causal: bool,
   best = _keep(jnp.where(owns, rows, _MIN_KEY), thr_g, cut_g)
   kept = selected & best & owns
   if causal:
-    return jnp.moveaxis(kept.reshape(b, t, h, tm), 2, 1)
-  return kept.reshape(b, h, t, tm)
+    return jnp.moveaxis(kept.reshape(b, t, h, tm), 2, head_axis)
+  return jnp.moveaxis(kept.reshape(b, h, t, tm), 1, head_axis)
 
 
 def _nth_set(mask: jax.Array, which: jax.Array
@@ -631,6 +635,11 @@ class SEAMethod(base.SparseMethod):
     Returns:
       (logits f32 [B, H, T, T_M], gates f32 [B, H, T, 2]).
     """
+    logits, gates = self._estimate(q, k, v)
+    return jnp.moveaxis(logits, 2, 1), gates
+
+  def _estimate(self, q: jax.Array, k: jax.Array, v: jax.Array):
+    """`estimate` with the logits token-major, [B, T, H, T_M]."""
     cfg = self.config
     b, t, h, d = q.shape
     rep = h // k.shape[2]
@@ -652,14 +661,14 @@ class SEAMethod(base.SparseMethod):
       x = jax.nn.relu(conv(x))
     if cfg.causal:
       # The 1x1 head mix commutes with the nearest upsampling, which runs
-      # last, on the head-major map.
-      x = jnp.moveaxis(self.head_mix(x), 3, 1)  # [B, H, T, T_M / d]
+      # last, on the token-major map.
+      x = jnp.moveaxis(self.head_mix(x), 3, 2)  # [B, T, H, T_M / d]
       x = jnp.repeat(x, cfg.width_divisor, axis=3)
     else:
       x = self.head_mix(jnp.repeat(x, 2, axis=1)[:, :t])
       if x.shape[2] != cfg.predictor_len:
         x = jax.image.resize(x, (b, t, cfg.predictor_len, h), "bilinear")
-      x = jnp.moveaxis(x, 3, 1)
+      x = jnp.moveaxis(x, 3, 2)
     # Materialised before the norm: XLA:CPU otherwise fuses the transpose
     # and the upsampling into the norm's reductions, at 5x the norm's cost.
     x = jax.lax.optimization_barrier(x)
@@ -686,18 +695,20 @@ class SEAMethod(base.SparseMethod):
     if s != t:
       raise ValueError(f"SEA is self-attention: T={t} but S={s}")
     capacity = cfg.key_capacity(s)
-    logits, gates = self.estimate(q, k, v)
+    logits, gates = self._estimate(q, k, v)  # token-major [B, T, H, T_M]
     estimate = jax.nn.softmax(logits, -1)
     with jax.ensure_compile_time_eval():
       visible_len = row_lengths(t, s, cfg.causal)
-    kept = select_cells(estimate, cfg.topk, cfg.causal, visible_len,
-                        capacity)
+    kept = jnp.moveaxis(select_cells(estimate, cfg.topk, cfg.causal,
+                                     visible_len, capacity, head_axis=2),
+                        2, 1)
     kv_idx, kv_cnt = key_lists(kept, visible_len, capacity, s)
     layout = row_layout_lib.RowLayout.from_indices(kv_idx, kv_cnt,
                                                    num_keys=s)
+    head_major = lambda x: jnp.moveaxis(x, 2, 1)
     return base.SparsePlan(layout=layout, aux={
-        "estimate": estimate, "logits": logits, "gates": gates,
-        "selected": kept})
+        "estimate": head_major(estimate), "logits": head_major(logits),
+        "gates": gates, "selected": kept})
 
   def mix(self, plan: base.SparsePlan, out: jax.Array,
           v: jax.Array) -> jax.Array:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from absl.testing import absltest
 from absl.testing import parameterized
 from flax import nnx
@@ -179,6 +181,11 @@ class SEATest(mtb.MethodTestBase):
     visible = sea.row_lengths(t, t, causal)
     kept = jax.jit(sea.select_cells, static_argnums=(1, 2, 4))(
         est, topk, causal, visible, capacity)
+    token_major = jax.jit(functools.partial(sea.select_cells, head_axis=2),
+                          static_argnums=(1, 2, 4))(
+                              jnp.moveaxis(est, 1, 2), topk, causal,
+                              visible, capacity)
+    np.testing.assert_array_equal(jnp.moveaxis(token_major, 2, 1), kept)
     idx, cnt = jax.jit(sea.key_lists, static_argnums=(2, 3))(
         kept, visible, capacity, t)
     got = _listed_keys(row_layout.RowLayout.from_indices(idx, cnt,
