@@ -357,6 +357,9 @@ def select_cells(estimate: jax.Array, topk: int, causal: bool,
   Returns:
     bool, in the layout of `estimate`.
   """
+  if head_axis not in (1, 2):
+    raise ValueError(f"head_axis must be 1 ([B, H, T, T_M]) or 2 "
+                     f"([B, T, H, T_M]), got {head_axis!r}")
   b, tm = estimate.shape[0], estimate.shape[3]
   h, t = estimate.shape[head_axis], estimate.shape[3 - head_axis]
   with jax.ensure_compile_time_eval():  # constants for static row lengths
@@ -465,7 +468,10 @@ def key_lists(kept: jax.Array, visible_len: jax.Array, capacity: int,
   slot = jnp.arange(capacity, dtype=jnp.int32).reshape(1, 1, 1, -1)
   # slot // R_t as a float division, which vectorises (int division does
   # not); exact while Kmax < 2^23, as slot + 0.5 is 0.5 from any multiple.
-  which = jnp.floor((slot + 0.5) / longest).astype(jnp.int32)
+  if capacity < 1 << 23:
+    which = jnp.floor((slot + 0.5) / longest).astype(jnp.int32)
+  else:
+    which = slot // longest
   offset = slot - which * longest  # [1, 1, T, Kmax]
   cell, count = _nth_set(kept, which)
   first = run_start(cell, length, tm)

@@ -186,6 +186,8 @@ class SEATest(mtb.MethodTestBase):
                               jnp.moveaxis(est, 1, 2), topk, causal,
                               visible, capacity)
     np.testing.assert_array_equal(jnp.moveaxis(token_major, 2, 1), kept)
+    with self.assertRaisesRegex(ValueError, "head_axis must be 1"):
+      sea.select_cells(est, topk, causal, visible, capacity, head_axis=3)
     idx, cnt = jax.jit(sea.key_lists, static_argnums=(2, 3))(
         kept, visible, capacity, t)
     got = _listed_keys(row_layout.RowLayout.from_indices(idx, cnt,
