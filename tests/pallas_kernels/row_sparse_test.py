@@ -110,9 +110,33 @@ class RowSparseAttentionTest(parameterized.TestCase):
     self.assertEqual(geo.num_chunks, 1)
     with mock.patch.object(row_sparse, "_CHUNK_ELEMENTS", 500):
       geo = row_sparse._geometry(q, k, layout, None)
-      self.assertEqual((geo.num_chunks, geo.chunk), (10, 2))
+      self.assertEqual((geo.num_chunks, geo.chunk), (4, 5))
       self.assert_matches_reference(q, k, v, layout, bias_k=bias,
                                     causal=True, causal_offset=3)
+
+  @parameterized.named_parameters(
+      # Two of the four (batch, head) slabs per step, each slab in 10 steps.
+      ("row_chunks", 160, 4, (10, 2, 2)),
+      # A slab's whole rows in one step, two slabs per step.
+      ("whole_slabs", 3200, 4, (1, 19, 2)),
+  )
+  def test_slabs_per_step(self, chunk_elements, min_lists, want):
+    # Lists of kv heads with GQA, broadcast over the batch: each step takes
+    # its slabs' lists, keys and bias at their own (batch, head).
+    q, k, v = random_qkv(10, 2, 37, 33, 4, 2, 8)
+    layout = random_row_layout(11, 1, 2, 37, 33, 5, group_size=2,
+                               row_ranges=True, empty_groups=2)
+    bias = random_bias(12, 2, 4, 33)
+    q_seg = np.repeat(np.arange(2, dtype=np.int32), [20, 17])[None]
+    q_seg = np.concatenate([q_seg, q_seg[:, ::-1]])
+    kv_seg = q_seg[:, :33]
+    with mock.patch.multiple(row_sparse, _CHUNK_ELEMENTS=chunk_elements,
+                             _MIN_STEP_LISTS=min_lists):
+      geo = row_sparse._geometry(q, k, layout, None)
+      self.assertEqual((geo.num_chunks, geo.chunk, geo.slabs), want)
+      self.assert_matches_reference(q, k, v, layout, bias_k=bias,
+                                    q_segment_ids=q_seg,
+                                    kv_segment_ids=kv_seg, causal=True)
 
   def test_equals_dot_product_attention(self):
     # Every row lists its own position, so no row is empty (jax.nn gives
