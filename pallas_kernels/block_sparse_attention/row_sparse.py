@@ -91,10 +91,15 @@ def _largest_divisor(n: int, at_most: int) -> int:
   return max(x for x in range(1, max(1, min(n, at_most)) + 1) if n % x == 0)
 
 
+def _layout_heads(hq: int, hkv: int, layout) -> int:
+  """L: q heads for per-q-head lists (Hl = Hq != Hkv), else kv heads."""
+  return hq if layout.num_heads == hq and hq != hkv else hkv
+
+
 def _geometry(q, k, layout, spec) -> _Geometry:
   b, t, hq, d = q.shape
   hkv = k.shape[2]
-  lh = hq if layout.num_heads == hq and hq != hkv else hkv
+  lh = _layout_heads(hq, hkv, layout)
   r, m = layout.group_size, layout.max_keys
   groups = layout.num_groups
   per_chunk = max(1, _CHUNK_ELEMENTS // (r * m * d))  # groups of one slab
@@ -406,7 +411,7 @@ def _localised(geo: _Geometry, q, k, layout) -> _Geometry:
   """
   b, _, hq, _ = q.shape
   hkv = k.shape[2]
-  lh = hq if layout.num_heads == hq and hq != hkv else hkv
+  lh = _layout_heads(hq, hkv, layout)
   return dataclasses.replace(geo, batch=b, num_q_heads=hq, num_kv_heads=hkv,
                              layout_heads=lh, group=hq // lh,
                              slabs=math.gcd(geo.slabs, b * lh))
