@@ -493,7 +493,7 @@ def element_mask(selected: jax.Array, kv_len: int, causal: bool
   return stretch(selected, kv_len, causal) & visible
 
 
-def prefix_sum(x: jax.Array, axis: int) -> jax.Array:
+def _prefix_sum(x: jax.Array, axis: int) -> jax.Array:
   """Inclusive prefix sum along `axis` as a parallel scan (O(n log n)).
 
   XLA:CPU lowers `jnp.cumsum` to a reduce-window over the whole axis, about
@@ -522,7 +522,7 @@ def _causal_linear(fq: jax.Array, fk: jax.Array, v: jax.Array):
   pad = ((0, 0), (0, 0), (0, n * c - t), (0, 0))
   fq, fk, v = (jnp.pad(x, pad).reshape(b, h, n, c, x.shape[-1])
                for x in (fq, fk, v))
-  shift = lambda x: prefix_sum(
+  shift = lambda x: _prefix_sum(
       jnp.concatenate([jnp.zeros_like(x[:, :, :1]), x[:, :, :-1]], 2), 2)
   state = shift(jnp.einsum("bhncf,bhnce->bhnfe", fk, v))
   norm = shift(fk.sum(-2))  # [B, H, N, F]
@@ -743,7 +743,7 @@ class SEAMethod(base.SparseMethod):
     gates = jax.nn.sigmoid(jnp.moveaxis(plan.aux["gates"], 1, 2))
     vh = jnp.repeat(v, h // v.shape[2], axis=2).astype(jnp.float32)
     if self.config.causal:
-      avg = prefix_sum(vh, 1) / jnp.arange(1, t + 1)[None, :, None, None]
+      avg = _prefix_sum(vh, 1) / jnp.arange(1, t + 1)[None, :, None, None]
     else:
       col = plan.aux["estimate"].mean(2, keepdims=True)  # [B, H, 1, T_M]
       weights = stretch(col, vh.shape[1], False)[:, :, 0]  # [B, H, S]
