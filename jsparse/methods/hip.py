@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jsparse.masks import top_n
 from jsparse.methods import base
 from pallas_kernels import RowLayout
 from pallas_kernels import layout as layout_lib
@@ -154,6 +155,10 @@ def _key_blocks(k: jax.Array, config: HiPConfig) -> jax.Array:
 def _search_chunk(qs, n, base, keys, rounds: int, config: HiPConfig):
   """The tree search of C independent (batch, head, query block) problems.
 
+  Each round keeps the K best of the 2K halves, ties to the lower slot, in
+  slot order (`top_n.top_n_indices`: on CPU about 0.1x the time of
+  `lax.top_k`, which sorts).
+
   Args:
     qs: f32 [C, I, D] strided queries.
     n: int32 [C] searchable key blocks.
@@ -181,7 +186,7 @@ def _search_chunk(qs, n, base, keys, rounds: int, config: HiPConfig):
     dots = jnp.einsum("cid,cjd->cji", qs, rep_keys)
     score = dots.max(-1).reshape(c, 2 * nk, bk).max(-1)
     score = jnp.where(c_size > 0, score, -jnp.inf)
-    _, pick = jax.lax.top_k(score, nk)
+    pick = top_n.top_n_indices(score, nk)  # ties: the lower child slot
     start = jnp.take_along_axis(c_start, pick, -1)
     size = jnp.take_along_axis(c_size, pick, -1)
   return start, size

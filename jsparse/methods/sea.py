@@ -47,14 +47,13 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from jsparse.masks import top_n
 from jsparse.methods import base
 from pallas_kernels import row_layout as row_layout_lib
 
 _BIG = 1e9
 # Query rows per step of the chunked causal linear attention.
 _LINEAR_CHUNK = 64
-# Elements per step of the per-row threshold search (a cache-sized chunk).
-_SEARCH_CHUNK = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,91 +190,30 @@ def stretch(cells: jax.Array, kv_len: int, causal: bool) -> jax.Array:
       cell, cells.shape[:-1] + (kv_len,)), axis=-1)
 
 
-def _order_keys(scores: jax.Array) -> jax.Array:
-  """int32 keys whose signed order is the float order of `scores`."""
-  x = jax.lax.stop_gradient(scores).astype(jnp.float32)
-  bits = jax.lax.bitcast_convert_type(jnp.where(x == 0, 0.0, x), jnp.int32)
-  return jnp.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-
-
-_MIN_KEY = jnp.iinfo(jnp.int32).min
-
-
-def _search(key: jax.Array, n: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Where the n best entries along the last axis of int32 keys end.
-
-  The n best (ties: lower index first) are the entries with key > thr and
-  those with key == thr at an index below cut. thr, the largest v with at
-  least n keys >= v, is built bit by bit from the top (32 counting passes);
-  cut is one past the position of the last tie to keep, read from the
-  packed tie bits (`_nth_set`: one pass and popcounts, not log2 C passes).
-
-  Args:
-    key: int32 [..., C].
-    n: int32 [...] in [0, C].
-
-  Returns:
-    (thr, cut) int32 [...].
-  """
-  c = key.shape[-1]
-  # XLA:CPU writes each pass's compare out before reducing it: summed as
-  # f32 zeros and ones (exact while c < 2^24) a pass takes 0.65x the time of
-  # an int32 count (a bf16 count is 8x slower on CPUs without AVX-512 BF16).
-  if c < 1 << 24:
-    count = lambda pred: jnp.sum(pred.astype(jnp.float32), -1).astype(
-        jnp.int32)
-  else:
-    count = lambda pred: jnp.sum(pred, -1, dtype=jnp.int32)
-  need = jnp.maximum(n, 1)
-
-  def value_bit(i, thr):
-    cand = thr + jnp.left_shift(jnp.int32(1), 30 - i)
-    return jnp.where(count(key >= cand[..., None]) >= need, cand, thr)
-
-  thr = jnp.where(count(key >= 0) >= need, 0, _MIN_KEY).astype(jnp.int32)
-  thr = jax.lax.fori_loop(0, 31, value_bit, thr)
-  left = n - count(key > thr[..., None])  # ties to keep
-  last, _ = _nth_set(key == thr[..., None],
-                     jnp.maximum(left, 1)[..., None] - 1)
-  return thr, jnp.where(left > 0, last[..., 0] + 1, 0)
-
-
-def _cuts(key, count, owns=None, group_count=None):
-  """`_search` over rows of int32 keys [R, G, C], and over their groups.
+def _cuts(key, count, owns, group_count):
+  """`top_n.threshold` over rows of int32 keys [R, G, C] and their groups.
 
   Each row's `count` best entries are searched over its flat index
-  (g C + c); with `group_count`, each group's `group_count[g]` best entries
-  among those where `owns` holds as well. Rows go in cache-sized chunks, so
-  the passes of both searches read the chunk from cache.
+  (g C + c), and each group's `group_count[g]` best entries among those
+  where `owns` holds as well. Rows go in cache-sized chunks, so the passes
+  of both searches read the chunk from cache.
 
   Args:
     key: int32 [R, G, C].
     count: int32 [R] in [0, G C].
     owns: bool [R, 1|G, C] entries that compete within their group.
-    group_count: optional int32 [R, G] in [0, C].
+    group_count: int32 [R, G] in [0, C].
 
   Returns:
-    (thr [R], cut [R]), plus (thr [R, G], cut [R, G]) for the groups.
+    (thr [R], cut [R], thr [R, G], cut [R, G]).
   """
 
   def row(args):
-    out = _search(args[0].reshape(-1), args[1])
-    if group_count is None:
-      return out
-    key, _, own, n_g = args
-    return out + _search(jnp.where(own, key, _MIN_KEY), n_g)
+    key, n, own, n_g = args
+    return top_n.threshold(key.reshape(-1), n) + top_n.threshold(
+        jnp.where(own, key, top_n.MIN_KEY), n_g)
 
-  xs = (key, count) if group_count is None else (key, count, owns,
-                                                  group_count)
-  chunk = max(1, min(key.shape[0], _SEARCH_CHUNK // key[0].size))
-  return jax.lax.map(row, xs, batch_size=chunk)
-
-
-def _keep(key, thr, cut):
-  """The entries `_search` chose along the last axis."""
-  index = jax.lax.broadcasted_iota(jnp.int32, key.shape, key.ndim - 1)
-  return (key > thr[..., None]) | ((key == thr[..., None])
-                                   & (index < cut[..., None]))
+  return top_n.in_chunks(row, (key, count, owns, group_count), key[0].size)
 
 
 def _budget(num_heads: int, topk: int, predictor_len: int, q_len: int
@@ -284,27 +222,6 @@ def _budget(num_heads: int, topk: int, predictor_len: int, q_len: int
   budget = jnp.round(num_heads * topk * predictor_len
                      / (jnp.arange(q_len) + 1.0))
   return jnp.clip(budget, 1, num_heads * predictor_len).astype(jnp.int32)
-
-
-def top_n_mask(scores: jax.Array, n: jax.Array) -> jax.Array:
-  """The n best entries of each last-axis row, for a per-row n (no sort).
-
-  Ties go to the lower index, as a stable descending sort would order them.
-  No gradient flows through the choice. O(33 size) compares.
-
-  Args:
-    scores: [..., C] float scores.
-    n: int, broadcastable to scores.shape[:-1]; clipped to [0, C].
-
-  Returns:
-    bool [..., C] with min(max(n, 0), C) entries set per row.
-  """
-  key = _order_keys(scores)
-  lead, c = key.shape[:-1], key.shape[-1]
-  n = jnp.clip(jnp.broadcast_to(jnp.asarray(n, jnp.int32), lead), 0, c)
-  thr, cut = (x.reshape(lead) for x in _cuts(key.reshape(-1, 1, c),
-                                             n.reshape(-1)))
-  return _keep(key, thr, cut)
 
 
 def grouped_topk(estimate: jax.Array, topk: int, causal: bool) -> jax.Array:
@@ -326,10 +243,10 @@ def grouped_topk(estimate: jax.Array, topk: int, causal: bool) -> jax.Array:
   b, h, t, tm = estimate.shape
   if causal:
     flat = jnp.moveaxis(estimate, 1, 2).reshape(b, t, h * tm)
-    keep = top_n_mask(flat, _budget(h, topk, tm, t))
+    keep = top_n.top_n_mask(flat, _budget(h, topk, tm, t))
     return jnp.moveaxis(keep.reshape(b, t, h, tm), 2, 1)
-  keep = top_n_mask(estimate.reshape(b, h * t * tm),
-                    min(h * topk * tm, h * t * tm))
+  keep = top_n.top_n_mask(estimate.reshape(b, h * t * tm),
+                          min(h * topk * tm, h * t * tm))
   return keep.reshape(b, h, t, tm)
 
 
@@ -366,7 +283,7 @@ def select_cells(estimate: jax.Array, topk: int, causal: bool,
     _, length = cell_runs(visible_len, tm)  # [T, T_M]
     owns = length > 0
     per_head = jnp.minimum(capacity // length.max(-1), tm)  # C_t [T]
-  key = _order_keys(estimate)
+  key = top_n.order_keys(estimate)
   if causal:  # rows (b, t), groups: heads
     rows = jnp.moveaxis(key, head_axis, 2).reshape(b * t, h, tm)
     count = jnp.broadcast_to(_budget(h, topk, tm, t), (b, t))
@@ -381,65 +298,12 @@ def select_cells(estimate: jax.Array, topk: int, causal: bool,
   owns = owns.reshape(r, 1, tm)
   thr, cut, thr_g, cut_g = _cuts(rows, count.reshape(r), owns,
                                  group_count.reshape(r, -1))
-  selected = _keep(rows.reshape(r, -1), thr, cut).reshape(rows.shape)
-  best = _keep(jnp.where(owns, rows, _MIN_KEY), thr_g, cut_g)
+  selected = top_n.chosen(rows.reshape(r, -1), thr, cut).reshape(rows.shape)
+  best = top_n.chosen(jnp.where(owns, rows, top_n.MIN_KEY), thr_g, cut_g)
   kept = selected & best & owns
   if causal:
     return jnp.moveaxis(kept.reshape(b, t, h, tm), 2, head_axis)
   return jnp.moveaxis(kept.reshape(b, h, t, tm), 1, head_axis)
-
-
-def _nth_set(mask: jax.Array, which: jax.Array
-             ) -> tuple[jax.Array, jax.Array]:
-  """Position of the which-th set entry of each last-axis row (from 0).
-
-  The row is packed into 32-bit words; the word comes from the running
-  popcounts and the bit from a 5-step popcount bisection. One rank per row
-  (M = 1) finds its word in one compare pass over the words; several ranks
-  loop over the C / 32 words elementwise on `which`'s shape, so there is no
-  scatter, sort or [..., M, C / 32] array.
-
-  Args:
-    mask: bool [..., C].
-    which: int [..., M] (broadcastable) ranks to look up.
-
-  Returns:
-    (pos int32 [..., M], valid only where which < count; count int32
-    [...], the set entries per row).
-  """
-  c = mask.shape[-1]
-  words = -(-c // 32)
-  bits = jnp.pad(mask, [(0, 0)] * (mask.ndim - 1) + [(0, words * 32 - c)])
-  bits = bits.reshape(*mask.shape[:-1], words, 32).astype(jnp.uint32)
-  shifts = jax.lax.broadcasted_iota(jnp.uint32, bits.shape, bits.ndim - 1)
-  packed = jnp.sum(bits << shifts, -1, dtype=jnp.uint32)  # [..., W]
-  ones = jax.lax.population_count(packed).astype(jnp.int32)
-  before = jnp.cumsum(ones, -1) - ones  # set entries before each word
-  shape = jnp.broadcast_shapes(which.shape, mask.shape[:-1] + (1,))
-  # The word of each rank: the last word whose first rank is <= which.
-  if shape[-1] == 1:
-    which = jnp.broadcast_to(which, shape)
-    index = jnp.sum(before <= which, -1, keepdims=True, dtype=jnp.int32) - 1
-    rank = which - jnp.take_along_axis(before, index, -1)
-    word = jnp.take_along_axis(packed, index, -1)
-  else:
-    rank = jnp.zeros(shape, jnp.int32)
-    word = jnp.zeros(shape, jnp.uint32)
-    index = jnp.zeros(shape, jnp.int32)
-    for w in range(words):
-      here = before[..., w:w + 1] <= which
-      index = jnp.where(here, w, index)
-      rank = jnp.where(here, which - before[..., w:w + 1], rank)
-      word = jnp.where(here, packed[..., w:w + 1], word)
-  pos = jnp.zeros_like(rank)
-  for width in (16, 8, 4, 2, 1):
-    low = jax.lax.population_count(
-        word & jnp.uint32((1 << width) - 1)).astype(jnp.int32)
-    up = rank >= low
-    rank = jnp.where(up, rank - low, rank)
-    pos = jnp.where(up, pos + width, pos)
-    word = jnp.where(up, word >> width, word)
-  return index * 32 + pos, jnp.sum(ones, -1)
 
 
 def key_lists(kept: jax.Array, visible_len: jax.Array, capacity: int,
@@ -473,7 +337,7 @@ def key_lists(kept: jax.Array, visible_len: jax.Array, capacity: int,
   else:
     which = slot // longest
   offset = slot - which * longest  # [1, 1, T, Kmax]
-  cell, count = _nth_set(kept, which)
+  cell, count = top_n.nth_set(kept, which)
   first = run_start(cell, length, tm)
   run = run_start(cell + 1, length, tm) - first
   valid = (which < count[..., None]) & (offset < run)

@@ -64,7 +64,8 @@ def brute_force_search(q, k, config: hip.HiPConfig, q_offset: int):
       keys = k[bi, tok, hi // (hq // hkv)]  # [2K, bk, D]
       score = np.einsum("id,cjd->cij", queries, keys).max((1, 2))
       score = np.where(c_size > 0, score, -np.inf)
-      pick = np.argsort(-score, kind="stable")[:nk]  # ties: lower slot
+      # The K best, ties to the lower slot, kept in slot order.
+      pick = np.sort(np.argsort(-score, kind="stable")[:nk])
       start, size = c_start[pick], c_size[pick]
     ids = np.sort(start[size > 0])
     out[bi, hi, a, :ids.size] = ids
