@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import pathlib
 import platform
 import statistics
@@ -35,6 +34,7 @@ import jax.numpy as jnp
 import jaxlib
 import numpy as np
 
+from eval import host
 from pallas_kernels import BlockLayout
 from pallas_kernels import block_sparse_attention
 from pallas_kernels.block_sparse_attention import api
@@ -210,7 +210,7 @@ def main(argv=None):
       device=device.device_kind, platform=device.platform,
       jax_version=jax.__version__,
       jaxlib_version=jaxlib.__version__,
-      python=platform.python_version(), cpu_count=os.cpu_count(),
+      python=platform.python_version(), host=host.describe(),
       dense_implementation=dense_impl,
       shapes=dict(batch=b, seq_len=t, num_q_heads=args.num_q_heads,
                   num_kv_heads=args.num_kv_heads, head_dim=args.head_dim,

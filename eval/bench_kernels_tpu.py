@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import pathlib
 import platform
 import time
@@ -44,6 +43,7 @@ import jaxlib
 import numpy as np
 
 from eval import bench_kernels
+from eval import host
 from pallas_kernels import BlockLayout
 from pallas_kernels import block_sparse_attention
 from pallas_kernels.block_sparse_attention import config as config_lib
@@ -188,7 +188,7 @@ def main(args) -> dict:
       date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
       device=device.device_kind, platform=device.platform,
       jax_version=jax.__version__, jaxlib_version=jaxlib.__version__,
-      python=platform.python_version(), cpu_count=os.cpu_count(),
+      python=platform.python_version(), host=host.describe(),
       shapes=dict(batch=b, seq_len=t, num_heads=args.num_q_heads,
                   head_dim=args.head_dim, block=args.block,
                   block_compute=compute, dtype=args.dtype),

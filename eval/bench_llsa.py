@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import platform
 import sys
 import time
 
@@ -30,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from eval import host
 from jsparse.methods import llsa
 from jsparse.models import dit
 
@@ -114,9 +114,8 @@ def main(argv):
   results = {
       "device": f"{device.platform}:{device.device_kind}",
       "num_devices": jax.device_count(),
-      "cpu_count": os.cpu_count(),
+      "host": host.describe(),
       "load_average_1m_at_start": os.getloadavg()[0],
-      "host": platform.machine(),
       "jax": jax.__version__,
       "dtype": "float32",
       "attention": [], "dit_step": [],

@@ -46,6 +46,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from eval import host as host_lib  # noqa: E402
 from eval import matmul_flops as matmul_flops_lib  # noqa: E402
 from jsparse import methods as methods_lib  # noqa: E402
 from jsparse.methods import blade  # noqa: E402
@@ -310,8 +311,10 @@ def plot(rows: list[dict], device: str, path: pathlib.Path) -> None:
 def main(argv=None):
   args = parse_args(argv)
   device = jax.devices()[0]
+  host = host_lib.describe()
   print(f"device={device.device_kind} platform={device.platform} "
-        f"jax={jax.__version__}", flush=True)
+        f"jax={jax.__version__} host={host['model']} "
+        f"{','.join(host['features'])}", flush=True)
   rows = []
   for name in args.methods.split(","):
     for t in (int(x) for x in args.seq_lens.split(",")):
@@ -325,7 +328,7 @@ def main(argv=None):
   result = dict(
       benchmark="bench_methods",
       date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
-      device=device.device_kind, platform=device.platform,
+      device=device.device_kind, platform=device.platform, host=host,
       command="python eval/bench_methods.py " + " ".join(sys.argv[1:]),
       note=("CPU: ratios only; attention runs the gather-based 'xla' "
             "backend") if device.platform == "cpu" else None,
