@@ -18,7 +18,7 @@ FEATURES_OF_NOTE = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
 
 def describe(cpuinfo: str | None = None) -> dict:
-  """{model, logical_cpus, features}: this machine's processor.
+  """{model, machine, logical_cpus, features}: this machine's processor.
 
   Args:
     cpuinfo: the text of /proc/cpuinfo; read from the system when None.
@@ -37,5 +37,6 @@ def describe(cpuinfo: str | None = None) -> dict:
     elif name == "flags":
       flags = set(value.split())
       break
-  return dict(model=model, logical_cpus=os.cpu_count(),
+  return dict(model=model, machine=platform.machine(),
+              logical_cpus=os.cpu_count(),
               features=[f for f in FEATURES_OF_NOTE if f in flags])

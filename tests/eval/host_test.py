@@ -31,6 +31,7 @@ class HostTest(absltest.TestCase):
   def test_this_machine(self):
     info = host.describe()
     self.assertTrue(info["model"])
+    self.assertTrue(info["machine"])
     self.assertTrue(set(info["features"]) <= set(host.FEATURES_OF_NOTE))
 
 
